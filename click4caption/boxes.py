@@ -1,0 +1,55 @@
+"""Boxes given by users: corner order, ``-1`` = image border, clipping, scaling."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from click4caption.errors import InputError
+
+Box = tuple[float, float, float, float]
+
+
+def normalize_box(box: Sequence[float], width: int, height: int) -> tuple[Box, list[str]]:
+    """A user box ``(x1, y1, x2, y2)`` in original-image pixels -> a valid box + warnings.
+
+    ``-1`` for a top-left coordinate means 0 and for a bottom-right one the image
+    border (upstream CLI semantics); corners given bottom-right first are swapped;
+    boxes reaching outside the image are clipped.
+
+    Raises:
+        InputError: not four numbers, or empty after clipping.
+    """
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise InputError(f"a box must be four numbers [x1, y1, x2, y2], got {box!r}")
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise InputError(f"a box must be four numbers [x1, y1, x2, y2], got {box!r}") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise InputError(f"box coordinates must be finite numbers, got {box!r}")
+    warnings: list[str] = []
+    x1 = 0.0 if x1 == -1 else x1
+    y1 = 0.0 if y1 == -1 else y1
+    x2 = float(width) if x2 == -1 else x2
+    y2 = float(height) if y2 == -1 else y2
+    if x1 > x2 or y1 > y2:
+        warnings.append(f"corners were not top-left then bottom-right; using box "
+                        f"({min(x1, x2):g}, {min(y1, y2):g}, {max(x1, x2):g}, {max(y1, y2):g})")
+        x1, x2 = min(x1, x2), max(x1, x2)
+        y1, y2 = min(y1, y2), max(y1, y2)
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+    if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+        warnings.append(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) reaches outside the {width}x{height} image; "
+                        f"clipped to ({cx1:g}, {cy1:g}, {cx2:g}, {cy2:g})")
+    if cx2 - cx1 < 1 or cy2 - cy1 < 1:
+        raise InputError(f"empty box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) in a {width}x{height} image: "
+                         "it needs at least 1 pixel of width and height inside the image")
+    return (cx1, cy1, cx2, cy2), warnings
+
+
+def to_model_pixels(box: Box, width: int, height: int, image_size: int) -> list[list[float]]:
+    """Original-image box -> corners ``[[x1, y1], [x2, y2]]`` in ``SxS`` model-input pixels."""
+    sx, sy = image_size / width, image_size / height
+    x1, y1, x2, y2 = box
+    return [[x1 * sx, y1 * sy], [x2 * sx, y2 * sy]]

@@ -1,0 +1,79 @@
+"""Shared plumbing for the apps (``inference.py``, ``demo.py``, ``train.py``,
+``evaluate.py``): logging, device choice, one-line errors."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from click4caption.errors import Click4CaptionError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# the shipped shapes model, used when no --cfg-path is given
+DEFAULT_EVAL_CONFIG = "eval_configs/shapes_eval.yaml"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our messages at INFO (DEBUG with ``verbose``), third-party libraries at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("click4caption").setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def default_config_path() -> str:
+    """The shipped model's eval config, found from any working directory."""
+    local = Path(DEFAULT_EVAL_CONFIG)
+    return str(local if local.exists() else PROJECT_ROOT / DEFAULT_EVAL_CONFIG)
+
+
+def pick_device(device: str | None, gpu_id: int | None = None) -> torch.device:
+    """``--device`` wins; else ``cuda:<gpu-id>`` when CUDA is available; else CPU.
+
+    Raises:
+        Click4CaptionError: CUDA asked for but not available.
+    """
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{gpu_id or 0}")
+        return torch.device("cpu")
+    if device == "cuda" and gpu_id is not None:
+        device = f"cuda:{gpu_id}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise Click4CaptionError(f"unknown device '{device}' (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Click4CaptionError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run an app's ``main``: user errors become one line on stderr and exit 2."""
+    try:
+        code = main()
+    except Click4CaptionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

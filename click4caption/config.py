@@ -1,0 +1,262 @@
+"""Configuration: the upstream YAML layout (``model:``, ``datasets:``, ``run:``) checked
+against typed schemas.
+
+Every key has exactly one default, written in the dataclasses below. YAML files and
+``--options key=value`` overrides are merged onto them with OmegaConf in struct mode,
+so a mistyped or unknown key is an error that names it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from click4caption.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ViTSize:
+    """Sizes of a custom EVA-style ViT (used when ``vit_model: custom``)."""
+
+    embed_dim: int = 1408
+    depth: int = 39
+    num_heads: int = 16
+    patch_size: int = 14
+    mlp_dim: int = 6144
+
+
+@dataclass
+class QFormerSize:
+    """Sizes of the query-only Q-Former. Defaults are BLIP-2's (BERT-base)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_freq: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """The ``model:`` section. Names follow upstream's ``Click4Caption.from_config``."""
+
+    arch: str = "click4caption"
+    model_type: str = "pretrain_vicuna"
+    # vision encoder
+    vit_model: str = "eva_clip_g"
+    vit: Optional[ViTSize] = None
+    vit_ckpt: Optional[str] = "cached_model/eva_vit_g.pth"
+    image_size: int = 224
+    drop_path_rate: float = 0.0
+    use_grad_checkpoint: bool = False
+    vit_precision: str = "fp16"
+    freeze_vit: bool = True
+    use_vit_multiblock_feat: Optional[List[int]] = field(default_factory=lambda: [9, 19, 29, 38])
+    delete_vit_cls_token: bool = True
+    add_img_pe: bool = True
+    # Q-Former
+    q_former_model: Optional[str] = "cached_model/blip2_pretrained_flant5xxl.pth"
+    qformer: QFormerSize = field(default_factory=QFormerSize)
+    num_query_token: int = 32
+    freeze_qformer: bool = False
+    # LLM
+    llama_model: str = "cached_model/vicuna-13b-v0"
+    llm_dtype: str = "auto"
+    # build the LLM from the folder's config.json with random weights (the shapes model;
+    # its trained weights then come from ``ckpt``)
+    llm_from_scratch: bool = False
+    freeze_llm: bool = True
+    low_resource: bool = False
+    device_8bit: int = 0
+    llama_proj_ckpt: Optional[str] = None
+    # the trained model
+    ckpt: Optional[str] = None
+    # text
+    prompt: str = ""
+    prompt_path: str = ""
+    prompt_template: str = ""
+    max_txt_len: int = 32
+    end_sym: str = "###"
+
+
+@dataclass
+class ProcessorConfig:
+    name: str = "blip2_image_eval"
+    image_size: int = 224
+    min_scale: float = 0.5
+    max_scale: float = 1.0
+    max_words: int = 50
+    prompt: str = ""
+
+
+@dataclass
+class ProcessorSplits:
+    train: Optional[ProcessorConfig] = None
+    eval: Optional[ProcessorConfig] = None
+
+
+@dataclass
+class BuildInfo:
+    storage: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    """One entry of the ``datasets:`` section."""
+
+    data_type: str = "images"
+    build_info: BuildInfo = field(default_factory=BuildInfo)
+    vis_processor: ProcessorSplits = field(default_factory=ProcessorSplits)
+    text_processor: ProcessorSplits = field(default_factory=ProcessorSplits)
+    sample_ratio: float = 1.0
+    special_batch_size: Optional[int] = None
+    num_regions: int = 12
+    # image ids never trained on (for example the VG test split of published benchmarks)
+    held_out_ids: List[str] = field(default_factory=list)
+    held_out_ids_file: Optional[str] = None
+    # region-instruction data: number of records per batch
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class RunConfig:
+    """The ``run:`` section (upstream LAVIS runner keys plus a few of ours)."""
+
+    task: str = "image_text_pretrain"
+    # optimiser and schedule
+    lr_sched: str = "linear_warmup_cosine_lr"
+    init_lr: float = 5e-5
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 20000
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    max_epoch: int = 30
+    iters_per_epoch: int = 10000
+    accum_grad_iters: int = 1
+    grad_clip: Optional[float] = None
+    batch_size_train: int = 1
+    batch_size_eval: int = 12
+    num_workers: int = 4
+    # precision
+    amp: bool = True
+    amp_dtype: str = "fp16"
+    # bookkeeping
+    seed: int = 42
+    output_dir: str = "output/"
+    resume_ckpt_path: Optional[str] = None
+    save_every_iters: int = 1000
+    keep_last_ckpts: int = 2
+    log_freq: int = 50
+    evaluate: bool = False
+    train_splits: List[str] = field(default_factory=lambda: ["train"])
+    # devices
+    device: str = "cuda"
+    world_size: int = 1
+    dist_url: str = "env://"
+    distributed: bool = True
+
+
+@dataclass
+class Config:
+    """A resolved configuration file."""
+
+    model: ModelConfig
+    datasets: Dict[str, DatasetConfig]
+    run: RunConfig
+    path: Optional[str] = None
+
+    # upstream's Config exposes these names
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.model
+
+    @property
+    def datasets_cfg(self) -> Dict[str, DatasetConfig]:
+        return self.datasets
+
+    @property
+    def run_cfg(self) -> RunConfig:
+        return self.run
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-serialisable dict (stored in every checkpoint)."""
+        return {
+            "model": OmegaConf.to_container(OmegaConf.structured(self.model)),
+            "datasets": {k: OmegaConf.to_container(OmegaConf.structured(v)) for k, v in self.datasets.items()},
+            "run": OmegaConf.to_container(OmegaConf.structured(self.run)),
+        }
+
+
+_TOP_LEVEL = ("model", "datasets", "run")
+
+
+def _merge(schema: Any, data: Any, where: str) -> Any:
+    """Merge ``data`` onto the structured ``schema``; errors name the offending key."""
+    base = OmegaConf.structured(schema)
+    OmegaConf.set_struct(base, True)
+    try:
+        merged = OmegaConf.merge(base, data if data is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid key '{key}': {msg}") from None
+
+
+def parse_options(options: Optional[Sequence[str]]) -> DictConfig:
+    """``["model.ckpt=x", "run.seed=1"]`` -> DictConfig (upstream's ``--options``)."""
+    options = list(options or [])
+    for opt in options:
+        if "=" not in opt:
+            raise ConfigError(f"--options expects key=value pairs, got '{opt}'")
+    try:
+        return OmegaConf.from_dotlist(options)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"--options: {str(err).splitlines()[0]}") from None
+
+
+def from_dict(raw: Any, where: str = "config") -> Config:
+    """Validate a raw mapping (``model``/``datasets``/``run``) into a :class:`Config`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, (dict, DictConfig)):
+        raise ConfigError(f"{where}: expected a mapping with {', '.join(_TOP_LEVEL)}")
+    for key in raw.keys():
+        if key not in _TOP_LEVEL:
+            raise ConfigError(f"{where}: unknown top-level key '{key}' (expected {', '.join(_TOP_LEVEL)})")
+    model = _merge(ModelConfig, raw.get("model"), where)
+    datasets_raw = raw.get("datasets") or {}
+    datasets: Dict[str, DatasetConfig] = {}
+    for name in datasets_raw.keys():
+        datasets[str(name)] = _merge(DatasetConfig, datasets_raw[name], f"{where}: datasets.{name}")
+    run = _merge(RunConfig, raw.get("run"), where)
+    return Config(model=model, datasets=datasets, run=run)
+
+
+def load_config(path: str | Path, options: Optional[Sequence[str]] = None) -> Config:
+    """Load and validate a YAML config, applying ``key=value`` overrides.
+
+    Raises:
+        ConfigError: file missing, YAML broken, unknown key, wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if options:
+        raw = OmegaConf.merge(raw, parse_options(options))
+    cfg = from_dict(raw, where=str(path))
+    cfg.path = str(path)
+    return cfg

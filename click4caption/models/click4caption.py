@@ -1,0 +1,270 @@
+"""The Click4Caption model: ViT -> Q-Former with box corner tokens -> projection -> LLM.
+
+Public methods keep upstream names and semantics (``encode_img_with_bbox``,
+``forward(samples)``), so scripts written for the original port unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from click4caption.conversation import IMG_TOKEN, Conversation, vicuna_v0
+from click4caption.models.prompt_encoder import PromptEncoder
+from click4caption.models.vision import VisionEncoder
+
+logger = logging.getLogger(__name__)
+
+# random near-full box used for whole-image captions: corners within half a ViT patch
+NEAR_FULL_BOX_JITTER = 7.0
+
+
+class Click4Caption(nn.Module):
+    """Composed from built parts (see :func:`click4caption.models.builder.build_click4caption`).
+
+    Args:
+        visual_encoder: ViT returning ``Bx(1+N)xC`` averaged block features.
+        qformer: query-only ``Blip2QFormerModel`` of width D.
+        query_tokens: learned queries ``1xQxD``.
+        prompt_encoder: box corner encoder and image PE.
+        llama_model / llama_tokenizer: the causal LM (width E) and its tokenizer.
+        image_size: model input side S.
+        delete_vit_cls_token: drop the CLS token before the Q-Former.
+        add_img_pe: add the projected Fourier PE to the image tokens.
+        max_txt_len: caption tokens kept in caption-mode training.
+        end_sym: appended to every training caption (``###``).
+    """
+
+    def __init__(
+        self,
+        visual_encoder: VisionEncoder,
+        qformer: nn.Module,
+        query_tokens: nn.Parameter,
+        prompt_encoder: PromptEncoder,
+        llama_model: PreTrainedModel,
+        llama_tokenizer: PreTrainedTokenizerBase,
+        image_size: int = 224,
+        delete_vit_cls_token: bool = True,
+        add_img_pe: bool = True,
+        max_txt_len: int = 32,
+        end_sym: str = "###",
+    ) -> None:
+        super().__init__()
+        self.visual_encoder = visual_encoder
+        self.ln_vision = nn.LayerNorm(visual_encoder.num_features)  # eps 1e-5, as LAVIS
+        self.qformer = qformer
+        self.query_tokens = query_tokens
+        self.prompt_encoder = prompt_encoder
+        self.llama_model = llama_model
+        self.llama_tokenizer = llama_tokenizer
+        self.llama_proj = nn.Linear(query_tokens.shape[-1], llama_model.config.hidden_size)
+        self.img_size = image_size
+        self.delete_vit_cls_token = delete_vit_cls_token
+        self.add_img_pe = add_img_pe
+        self.max_txt_len = max_txt_len
+        self.end_sym = end_sym
+
+    frozen_modules: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> "Click4Caption":
+        """Like ``nn.Module.train`` but frozen parts stay in eval mode (upstream's
+        ``disabled_train``)."""
+        super().train(mode)
+        for name in self.frozen_modules:
+            getattr(self, name).eval()
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def num_query_token(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``BxL`` -> LLM input embeddings ``BxLxE``."""
+        return self.llama_model.get_input_embeddings()(ids)
+
+    def random_near_full_boxes(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random near-full boxes ``Bx1x2x2``: top-left in ``[0, 7)``, bottom-right ``S - [0, 7)``."""
+        jitter = torch.rand(batch, 1, 2, 2, generator=generator) * NEAR_FULL_BOX_JITTER
+        boxes = torch.empty(batch, 1, 2, 2)
+        boxes[:, :, 0] = jitter[:, :, 0]
+        boxes[:, :, 1] = self.img_size - jitter[:, :, 1]
+        return boxes.to(self.device)
+
+    # ------------------------------------------------------------------ vision
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """image ``Bx3xSxS`` -> image tokens for cross-attention ``BxTxC``.
+
+        ViT multi-block mean -> ln_vision -> (drop CLS) -> (+ image PE). T is N, or
+        1+N when the CLS token is kept. This is what callers may cache per image.
+        """
+        vit_dtype = self.visual_encoder.patch_embed.proj.weight.dtype
+        vit_device = self.visual_encoder.patch_embed.proj.weight.device
+        feats = self.visual_encoder(image.to(device=vit_device, dtype=vit_dtype))
+        feats = feats.to(device=self.device, dtype=self.ln_vision.weight.dtype)
+        embeds = self.ln_vision(feats)
+        if self.delete_vit_cls_token:
+            embeds = embeds[:, 1:]
+        if self.add_img_pe:
+            pe = self.prompt_encoder.image_pe(self.visual_encoder.grid_size, with_cls=not self.delete_vit_cls_token)
+            embeds = embeds + pe.unsqueeze(0).to(embeds.dtype)
+        return embeds
+
+    def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Q-Former over paired image tokens and boxes.
+
+        Args:
+            image_embeds: ``NxTxC`` (one row per box).
+            boxes: ``Nx2x2`` corners in model pixels.
+        Returns:
+            soft tokens ``NxQxE`` in the LLM's embedding dtype.
+        """
+        n = image_embeds.shape[0]
+        queries = self.query_tokens.expand(n, -1, -1)
+        corners = self.prompt_encoder.encode_boxes(boxes.to(self.device))
+        tokens = torch.cat([queries, corners.to(queries.dtype)], dim=1)
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        out = self.qformer(
+            query_embeds=tokens,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=atts,
+        ).last_hidden_state
+        soft = self.llama_proj(out[:, : self.num_query_token].to(self.llama_proj.weight.dtype))
+        return soft.to(self.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=self.device)).dtype)
+
+    def encode_img_with_bbox(
+        self, image: torch.Tensor, boxes: torch.Tensor, image_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Upstream's entry point.
+
+        Args:
+            image: ``Bx3xSxS`` (ignored when ``image_embeds`` is given).
+            boxes: ``BxRx2x2`` corners ((x1, y1), (x2, y2)) in model-input pixels.
+            image_embeds: cached ``BxTxC`` from :meth:`encode_image` to skip the ViT.
+        Returns:
+            ``(soft_tokens (B*R)xQxE, atts (B*R)xQ, image_embeds BxTxC)``; rows are
+            image-major (image 0's R boxes first).
+        """
+        if image_embeds is None:
+            image_embeds = self.encode_image(image)
+        bsz, num_regions = boxes.shape[:2]
+        if image_embeds.shape[0] != bsz:
+            raise ValueError(f"{image_embeds.shape[0]} images but boxes for {bsz}")
+        cross = image_embeds.repeat_interleave(num_regions, dim=0)
+        soft = self.encode_regions(cross, boxes.reshape(-1, 2, 2))
+        atts = torch.ones(soft.shape[:-1], dtype=torch.long, device=soft.device)
+        return soft, atts, image_embeds
+
+    # ------------------------------------------------------------------ training
+    def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training loss.
+
+        Caption mode (upstream): ``image`` ``Bx3xSxS``, ``text_input`` (B*R strings,
+        image-major), optional ``bbox`` ``BxRx2x2`` (default: one random near-full box
+        per image). Sequence ``[BOS][Q soft tokens][caption + end_sym]``, loss on the
+        caption tokens only.
+
+        Conversation mode (region instructions): ``image``, ``bbox`` ``BxKx2x2`` padded,
+        ``num_boxes`` (B ints) and ``conversations`` (B lists of LLaVA-style turns whose
+        human turns hold one ``[IMG]`` per box); loss on the assistant replies.
+        """
+        if "conversations" in samples:
+            return self._forward_conversations(samples)
+        image = samples["image"].to(self.device)
+        boxes = samples.get("bbox")
+        if boxes is None:
+            boxes = self.random_near_full_boxes(image.shape[0])
+        soft, atts, _ = self.encode_img_with_bbox(image, boxes.to(self.device))
+        texts = [t + self.end_sym for t in samples["text_input"]]
+        if len(texts) != soft.shape[0]:
+            raise ValueError(f"{len(texts)} captions for {soft.shape[0]} regions")
+        tok = self.llama_tokenizer
+        tok.padding_side = "right"
+        regress = tok(texts, return_tensors="pt", padding="longest", truncation=True,
+                      max_length=self.max_txt_len, add_special_tokens=False).to(self.device)
+        targets = regress.input_ids.masked_fill(regress.input_ids == tok.pad_token_id, -100)
+        n = soft.shape[0]
+        empty = torch.full((n, soft.shape[1] + 1), -100, dtype=torch.long, device=self.device)
+        targets = torch.cat([empty, targets], dim=1)
+        bos = torch.full((n, 1), tok.bos_token_id, dtype=torch.long, device=self.device)
+        inputs = torch.cat([self.embed_tokens(bos), soft, self.embed_tokens(regress.input_ids)], dim=1)
+        mask = torch.cat([atts[:, :1], atts, regress.attention_mask], dim=1)
+        out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
+        return {"loss": out.loss}
+
+    def _forward_conversations(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = samples["image"].to(self.device)
+        boxes = samples["bbox"].to(self.device)
+        counts = [int(c) for c in samples["num_boxes"]]
+        image_embeds = self.encode_image(image)
+        rows = [b for b, c in enumerate(counts) for _ in range(c)]
+        flat = torch.cat([boxes[b, :c] for b, c in enumerate(counts)]) if rows else boxes[:0, 0]
+        soft = self.encode_regions(image_embeds[rows], flat) if rows else None
+        seqs, labels, start = [], [], 0
+        for b, turns in enumerate(samples["conversations"]):
+            regions = soft[start:start + counts[b]] if soft is not None else None
+            start += counts[b]
+            emb, lab = self.conversation_training_row(turns, regions)
+            seqs.append(emb)
+            labels.append(lab)
+        width = max(s.shape[0] for s in seqs)
+        e = seqs[0].shape[-1]
+        inputs = seqs[0].new_zeros(len(seqs), width, e)
+        targets = torch.full((len(seqs), width), -100, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        for i, (s, lab) in enumerate(zip(seqs, labels)):
+            inputs[i, : s.shape[0]] = s
+            targets[i, : s.shape[0]] = lab
+            mask[i, : s.shape[0]] = 1
+        out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
+        return {"loss": out.loss}
+
+    def conversation_training_row(
+        self, turns: Sequence[dict[str, str]], regions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LLaVA-style conversation -> (embeddings ``LxE``, labels ``L``).
+
+        Text pieces are tokenised as :class:`~click4caption.conversation.Chat` does at
+        inference (split at ``[IMG]``, BOS on the first piece only); each reply is the
+        tokens of ``reply + "\\n###"`` that follow ``" Assistant:"``.
+        """
+        conv = vicuna_v0()
+        pieces: list[tuple[str, bool]] = []  # (text, is_target)
+        prompt = conv.system + conv.sep
+        for turn in turns:
+            role = turn["from"]
+            if role in ("human", "user", conv.roles[0]):
+                prompt += " " + conv.roles[0] + ": " + turn["value"] + "\n" + conv.sep
+            elif role in ("gpt", "assistant", conv.roles[1]):
+                pieces.append((prompt + " " + conv.roles[1] + ":", False))
+                pieces.append((turn["value"] + "\n" + conv.sep, True))
+                prompt = ""
+            else:
+                raise ValueError(f"unknown conversation role '{role}'")
+        n_img = sum(p.count(IMG_TOKEN) for p, tgt in pieces if not tgt)
+        n_regions = 0 if regions is None else regions.shape[0]
+        if n_img != n_regions:
+            raise ValueError(f"{n_img} {IMG_TOKEN} placeholders but {n_regions} regions")
+        embs: list[torch.Tensor] = []
+        labs: list[torch.Tensor] = []
+        region_i, first = 0, True
+        for text, is_target in pieces:
+            segs = [text] if is_target else text.split(IMG_TOKEN)
+            for j, seg in enumerate(segs):
+                if j > 0:
+                    embs.append(regions[region_i])
+                    labs.append(torch.full((regions.shape[1],), -100, dtype=torch.long, device=self.device))
+                    region_i += 1
+                ids = self.llama_tokenizer(seg, return_tensors="pt", add_special_tokens=first).input_ids[0]
+                first = False
+                ids = ids.to(self.device)
+                embs.append(self.embed_tokens(ids[None])[0])
+                labs.append(ids.clone() if is_target else torch.full_like(ids, -100))
+        return torch.cat(embs), torch.cat(labs)

@@ -1,0 +1,197 @@
+"""Judge a model on fresh shapes scenes against the bars of design/shapes_world.md.
+
+``make_eval_items`` draws scenes from a stream no training split uses and returns
+items in the inference CLI's batch format (``image``, ``boxes``, ``question``) plus
+a ``meta`` dict; ``score`` turns the model's answers into the spec's measures and
+``format_table`` prints them with their bars.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from click4caption.shapes.world import (
+    COLORS,
+    COUNT_WORDS,
+    PAIR_QUESTIONS,
+    SHAPES,
+    SINGLE_QUESTIONS,
+    SIZES,
+    Scene,
+    draw_scene,
+    find_pairs,
+    pair_answer,
+    pair_prompt,
+    single_answer,
+    single_prompt,
+    whole_image_caption,
+)
+
+#: Stream index of evaluation scenes (writers.PART_STREAMS uses 1-3), so even a
+#: training seed reused here draws different scenes.
+EVAL_STREAM = 1000
+REJECTION_TRIES = 1000
+
+#: kind -> (question, measure, bar), in table order.
+BARS: dict[str, tuple[str, str, float]] = {
+    "describe": ("Describe, one box on an object", "colour, shape and size all right", 0.90),
+    "color": ("What color is it?", "exact answer", 0.95),
+    "shape": ("What shape is it?", "exact answer", 0.95),
+    "size": ("Is it large or small?", "exact answer", 0.95),
+    "same_color": ("Two boxes, same colour", "balanced accuracy", 0.85),
+    "same_shape": ("Two boxes, same shape", "balanced accuracy", 0.85),
+    "whole": ("Describe, whole image", "count word right", 0.80),
+}
+KINDS: tuple[str, ...] = tuple(BARS)
+
+
+def _object_meta(scene: Scene) -> list[dict[str, Any]]:
+    return [{k: v for k, v in asdict(o).items() if k != "rgb"} for o in scene.objects]
+
+
+def _item(image: Path, boxes: list[list[int]], question: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"image": str(image), "boxes": boxes, "question": question, "meta": meta}
+
+
+def make_eval_items(seed: int, num_scenes: int, image_dir: Path | str) -> list[dict[str, Any]]:
+    """Draw ``num_scenes`` scenes, save them as PNG under ``image_dir``, return the items.
+
+    Per scene: Describe, color, shape and size, each on a random object; the
+    whole-image box ``[0, 0, W, H]`` with the Describe question; and one pair question
+    per pair kind. Pair targets alternate Yes/No over scenes (exactly half Yes for an
+    even ``num_scenes``); when a scene has no pair with the target answer, further
+    scenes are drawn until one has, and saved as ``<scene>_<kind>.png``.
+
+    Each item's ``meta`` holds ``kind``, ``answer`` (the expected answer), ``scene``
+    (its index), ``count`` and ``objects`` (every object of its image: shape, color,
+    size, box) and, for single-object kinds, ``target`` (the asked object's index).
+    """
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, EVAL_STREAM])
+    items: list[dict[str, Any]] = []
+    for index in range(num_scenes):
+        image, scene = draw_scene(rng)
+        path = image_dir / f"{index:05d}.png"
+        image.save(path)
+        base = {"scene": index, "count": len(scene.objects), "objects": _object_meta(scene)}
+        for kind, text in SINGLE_QUESTIONS.items():
+            target = int(rng.integers(len(scene.objects)))
+            obj = scene.objects[target]
+            meta = {**base, "kind": kind, "answer": single_answer(kind, obj), "target": target}
+            items.append(_item(path, [obj.box_xyxy], single_prompt(text), meta))
+        whole_meta = {**base, "kind": "whole", "answer": whole_image_caption(scene)}
+        items.append(_item(path, [scene.whole_box], single_prompt(SINGLE_QUESTIONS["describe"]), whole_meta))
+
+        for k, (kind, text) in enumerate(PAIR_QUESTIONS.items()):
+            wanted = "Yes." if (index + k) % 2 == 0 else "No."
+            pair_scene, pair_path = scene, path
+            for _ in range(REJECTION_TRIES):
+                if find_pairs(pair_scene, kind, wanted):
+                    break
+                pair_image, pair_scene = draw_scene(rng)
+                pair_path = image_dir / f"{index:05d}_{kind}.png"
+                pair_image.save(pair_path)
+            else:
+                raise RuntimeError(f"no scene with a {kind} pair answered {wanted} in {REJECTION_TRIES} draws")
+            pairs = find_pairs(pair_scene, kind, wanted)
+            i, j = pairs[int(rng.integers(len(pairs)))]
+            a, b = pair_scene.objects[i], pair_scene.objects[j]
+            meta = {
+                "scene": index,
+                "count": len(pair_scene.objects),
+                "objects": _object_meta(pair_scene),
+                "kind": kind,
+                "answer": pair_answer(kind, a, b),
+                "targets": [i, j],
+            }
+            items.append(_item(pair_path, [a.box_xyxy, b.box_xyxy], pair_prompt(text), meta))
+    return items
+
+
+# ----------------------------------------------------------------------------- scoring
+def _normalise(answer: str) -> str:
+    return answer.strip().rstrip(".").strip().lower()
+
+
+def _words(answer: str) -> list[str]:
+    return re.findall(r"[a-z]+", answer.lower())
+
+
+def describe_correct(answer: str, objects: list[dict[str, Any]], target: int) -> bool:
+    """True if the answer names exactly the target's colour, shape and size (no other)."""
+    words = set(_words(answer))
+    expected = objects[target]
+    return all(
+        words & set(vocabulary) == {expected[attribute]}
+        for attribute, vocabulary in (("color", COLORS), ("shape", SHAPES), ("size", SIZES))
+    )
+
+
+def count_word_correct(answer: str, expected_count: int) -> bool:
+    """True if the answer's first count word is the expected one."""
+    found = [w for w in _words(answer) if w in COUNT_WORDS.values()]
+    return bool(found) and found[0] == COUNT_WORDS[expected_count]
+
+
+def score(items: list[dict[str, Any]], answers: list[str]) -> dict[str, dict[str, Any]]:
+    """Score ``answers`` (one per item, in order) against the items' ``meta``.
+
+    Returns ``{kind: {"question", "measure", "value", "bar", "passed", "n"}}`` for the
+    kinds present; pair kinds add ``"yes_recall"`` and ``"no_recall"``. Exact answers
+    ignore case and a trailing period; balanced accuracy is the mean of the recalls
+    of the classes present.
+    """
+    if len(items) != len(answers):
+        raise ValueError(f"{len(items)} items but {len(answers)} answers")
+    hits: dict[str, list[bool]] = {}
+    recalls: dict[str, dict[str, list[bool]]] = {}
+    for item, answer in zip(items, answers, strict=True):
+        meta = item["meta"]
+        kind = meta["kind"]
+        if kind == "describe":
+            ok = describe_correct(answer, meta["objects"], meta["target"])
+        elif kind == "whole":
+            ok = count_word_correct(answer, meta["count"])
+        else:
+            ok = _normalise(answer) == _normalise(meta["answer"])
+        hits.setdefault(kind, []).append(ok)
+        if kind in PAIR_QUESTIONS:
+            recalls.setdefault(kind, {}).setdefault(_normalise(meta["answer"]), []).append(ok)
+
+    results: dict[str, dict[str, Any]] = {}
+    for kind in KINDS:
+        if kind not in hits:
+            continue
+        question, measure, bar = BARS[kind]
+        result: dict[str, Any] = {"question": question, "measure": measure, "bar": bar, "n": len(hits[kind])}
+        if kind in PAIR_QUESTIONS:
+            by_class = {label: float(np.mean(oks)) for label, oks in recalls[kind].items()}
+            result["yes_recall"] = by_class.get("yes", math.nan)
+            result["no_recall"] = by_class.get("no", math.nan)
+            value = float(np.mean(list(by_class.values())))
+        else:
+            value = float(np.mean(hits[kind]))
+        result["value"] = value
+        result["passed"] = value >= bar
+        results[kind] = result
+    return results
+
+
+def format_table(scores: dict[str, dict[str, Any]]) -> str:
+    """The spec's table as Markdown: question, measure, value, bar, pass/fail."""
+    lines = ["| question | measure | value | bar | result |", "| --- | --- | --- | --- | --- |"]
+    for kind in KINDS:
+        if kind not in scores:
+            continue
+        s = scores[kind]
+        value = f"{100 * s['value']:.1f} % (n={s['n']})"
+        result = "pass" if s["passed"] else "FAIL"
+        lines.append(f"| {s['question']} | {s['measure']} | {value} | >= {100 * s['bar']:.0f} % | {result} |")
+    return "\n".join(lines)

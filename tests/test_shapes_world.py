@@ -1,0 +1,429 @@
+"""The shapes world obeys design/shapes_world.md, and its files are what the real loaders read."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from click4caption.shapes import world
+from click4caption.shapes.__main__ import main as cli_main
+from click4caption.shapes.scoring import format_table, make_eval_items, score
+from click4caption.shapes.tokenizer import build_shapes_tokenizer
+from click4caption.shapes.world import (
+    COLORS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    draw_scene,
+    pair_answer,
+    pair_prompt,
+    region_description,
+    region_phrase,
+    single_answer,
+    single_prompt,
+    whole_image_caption,
+)
+from click4caption.shapes.writers import PART_STREAMS, write_shapes_dataset
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """Palette name nearest to an RGB value."""
+    return min(COLORS, key=lambda name: float(np.sum((np.asarray(COLORS[name]) - rgb) ** 2)))
+
+
+def center_rgb(image: Image.Image, box_xyxy: list[float]) -> np.ndarray:
+    """Mean colour of the 3x3 patch at a box's centre."""
+    x1, y1, x2, y2 = box_xyxy
+    cx, cy = int((x1 + x2) / 2), int((y1 + y2) / 2)
+    return np.asarray(image.convert("RGB"))[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3).mean(0)
+
+
+def obj(shape: str, color: str, size: str, box: tuple[int, int, int, int]) -> ShapeObject:
+    return ShapeObject(shape, color, size, box, COLORS[color])
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[tuple[Image.Image, Scene]]:
+    rng = np.random.default_rng(1234)
+    return [draw_scene(rng) for _ in range(150)]
+
+
+# ----------------------------------------------------------------------------- scenes
+def test_scenes_obey_the_spec(scenes: list[tuple[Image.Image, Scene]]) -> None:
+    counts = set()
+    for image, scene in scenes:
+        width, height = scene.width, scene.height
+        assert 192 <= width <= 320 and 192 <= height <= 320 and image.size == (width, height)
+        assert 100 <= scene.background <= 160 and 0 <= scene.noise_std <= 8
+        assert 2 <= len(scene.objects) <= 5
+        counts.add(len(scene.objects))
+        pixels = np.asarray(image)
+        for o in scene.objects:
+            x, y, w, h = o.box
+            assert w == h and all(isinstance(v, int) for v in o.box)
+            lo, hi = SIZES[o.size]
+            assert lo * min(width, height) <= w <= hi * min(width, height), (o, width, height)
+            assert x >= 2 and y >= 2 and x + w <= width - 2 and y + h <= height - 2
+            assert o.shape in SHAPES and o.color in COLORS
+            assert np.all(np.abs(np.asarray(o.rgb) - COLORS[o.color]) <= 15)
+            # every shape covers its box centre, drawn in the object's colour
+            cx, cy = x + w // 2, y + h // 2
+            assert tuple(pixels[cy, cx]) == o.rgb
+        for a, b in itertools.combinations(scene.objects, 2):
+            ax, ay, aw, ah = a.box
+            bx, by, bw, bh = b.box
+            apart = ax + aw + 4 <= bx or bx + bw + 4 <= ax or ay + ah + 4 <= by or by + bh + 4 <= ay
+            assert apart, (a.box, b.box)
+        # background outside every box is gray (one noise value shared by the channels)
+        mask = np.ones((height, width), bool)
+        for o in scene.objects:
+            x, y, w, h = o.box
+            mask[y : y + h, x : x + w] = False
+        bg = pixels[mask].astype(int)
+        assert np.all(bg[:, 0] == bg[:, 1]) and np.all(bg[:, 1] == bg[:, 2])
+        assert abs(bg[:, 0].mean() - scene.background) < 2
+    assert counts == {2, 3, 4, 5}
+
+
+def test_shapes_are_drawn_as_named(scenes: list[tuple[Image.Image, Scene]]) -> None:
+    """Fill fraction of the box and apex-up triangles tell the five shapes apart."""
+    fill: dict[str, list[float]] = {s: [] for s in SHAPES}
+    for image, scene in scenes:
+        pixels = np.asarray(image).astype(int)
+        for o in scene.objects:
+            x, y, w, h = o.box
+            inside = np.all(pixels[y : y + h, x : x + w] == o.rgb, axis=2)
+            fill[o.shape].append(inside.mean())
+            if o.shape == "triangle":
+                assert inside[1].sum() <= 3 and inside[-1].mean() > 0.9
+    expected = {
+        "square": (0.97, 1.01),
+        "circle": (0.72, 0.83),
+        "cross": (0.5, 0.62),
+        "triangle": (0.44, 0.56),
+        "star": (0.2, 0.4),
+    }
+    for shape, (lo, hi) in expected.items():
+        assert fill[shape] and lo <= min(fill[shape]) and max(fill[shape]) <= hi, (
+            shape,
+            min(fill[shape]),
+            max(fill[shape]),
+        )
+
+
+def test_forced_counts_and_determinism() -> None:
+    rng = np.random.default_rng(7)
+    singles = [draw_scene(rng, num_objects=1)[1] for _ in range(20)]
+    assert all(len(s.objects) == 1 for s in singles)
+    assert whole_image_caption(singles[0]).startswith("one shape: a ")
+    assert max(len(draw_scene(rng, num_objects=4)[1].objects) for _ in range(10)) == 4
+
+    (img_a, scene_a), (img_b, scene_b) = draw_scene(np.random.default_rng(5)), draw_scene(np.random.default_rng(5))
+    assert scene_a == scene_b and np.array_equal(np.asarray(img_a), np.asarray(img_b))
+    assert draw_scene(np.random.default_rng(6))[1] != scene_a
+    with pytest.raises(ValueError):
+        draw_scene(rng, num_objects=0)
+
+
+# ----------------------------------------------------------------------------- language
+def test_language() -> None:
+    red = obj("circle", "red", "large", (150, 10, 80, 80))
+    blue = obj("star", "blue", "small", (10, 100, 40, 40))
+    green = obj("square", "green", "small", (100, 150, 40, 40))
+    scene = Scene(300, 200, 128, 0.0, [red, blue, green])
+    assert region_phrase(red) == "a large red circle"
+    assert region_description(red) == "A large red circle."
+    assert whole_image_caption(scene) == "three shapes: a small blue star, a small green square and a large red circle"
+    assert (
+        whole_image_caption(Scene(300, 200, 128, 0.0, [red, blue]))
+        == "two shapes: a small blue star and a large red circle"
+    )
+    assert [single_answer(k, red) for k in ("color", "shape", "size", "describe")] == [
+        "Red.",
+        "Circle.",
+        "Large.",
+        "A large red circle.",
+    ]
+    assert pair_answer("same_color", red, blue) == "No." and pair_answer("same_shape", red, red) == "Yes."
+    assert pair_answer("same_color", blue, obj("cross", "blue", "large", (0, 0, 9, 9))) == "Yes."
+    assert single_prompt(world.QUESTION_COLOR) == "image[IMG] What color is it?"
+    assert pair_prompt(world.QUESTION_SAME_COLOR) == "image 1[IMG] image 2[IMG] Are they the same color?"
+    assert world.QUESTION_DESCRIBE == "Tell me what it is and write a description for it."
+    assert scene.whole_box == [0, 0, 300, 200]
+    with pytest.raises(ValueError):
+        single_answer("count", red)
+
+
+# ----------------------------------------------------------------------------- writers
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("shapes")
+    summary = write_shapes_dataset(
+        out, {"vg": 6, "laion": 7, "instruct": 8}, seed=11, laion_shard_size=3, progress=False
+    )
+    return out, summary
+
+
+def test_visual_genome_files_point_at_the_objects(dataset: tuple[Path, dict]) -> None:
+    out, summary = dataset
+    root = out / "VisualGenome"
+    image_data = json.loads((root / "image_data.json").read_text())
+    regions = json.loads((root / "region_descriptions.json").read_text())
+    assert len(image_data) == len(regions) == 6
+    assert summary["vg"]["regions"] == sum(len(r["regions"]) for r in regions)
+    region_ids = [reg["region_id"] for r in regions for reg in r["regions"]]
+    assert len(set(region_ids)) == len(region_ids)
+    for info, entry in zip(image_data, regions, strict=True):
+        assert entry["id"] == info["image_id"] and info["coco_id"] is None and info["flickr_id"] is None
+        image = Image.open(root / Path(*info["url"].split("/")[-2:]))
+        assert image.format == "JPEG" and image.size == (info["width"], info["height"])
+        for reg in entry["regions"]:
+            size, color, shape = re.fullmatch(r"a (\w+) (\w+) (\w+)", reg["phrase"]).groups()
+            assert size in SIZES and shape in SHAPES and reg["width"] == reg["height"]
+            box = [reg["x"], reg["y"], reg["x"] + reg["width"], reg["y"] + reg["height"]]
+            assert nearest_color(center_rgb(image, box)) == color
+
+
+def test_laion_shards_read_with_webdataset(dataset: tuple[Path, dict]) -> None:
+    import webdataset as wds
+
+    out, summary = dataset
+    shards = sorted((out / "LAION").glob("*.tar"))
+    assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"] and summary["laion"]["shards"] == 3
+    samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False).decode("pil"))
+    assert len(samples) == 7
+    rng = np.random.default_rng([11, PART_STREAMS["laion"]])  # the part's own stream draws the same scenes
+    for sample in samples:
+        image, scene = draw_scene(rng)
+        meta = sample["json"]
+        assert meta["caption"] == sample["txt"] == whole_image_caption(scene) == meta["caption"]
+        assert meta["key"] == sample["__key__"] and sample["jpg"].size == (meta["width"], meta["height"])
+        assert np.abs(np.asarray(sample["jpg"], dtype=int) - np.asarray(image, dtype=int)).mean() < 4
+
+
+def test_region_instruct_records(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    root = out / "region_instruct"
+    records = json.loads((root / "instruct.json").read_text())
+    answers: dict[str, list[str]] = {"same_color": [], "same_shape": []}
+    wholes = 0
+    for rec in records:
+        image = Image.open(root / rec["image"])
+        humans = [t["value"] for t in rec["conversations"][0::2]]
+        replies = [t["value"] for t in rec["conversations"][1::2]]
+        assert [t["from"] for t in rec["conversations"]] == ["human", "gpt"] * len(humans)
+        assert sum(h.count("[IMG]") for h in humans) == len(rec["boxes"]) and len(humans) == 1
+        question, reply, boxes = humans[0], replies[0], rec["boxes"]
+        colors = [nearest_color(center_rgb(image, b)) for b in boxes]
+        if boxes[0] == [0, 0, *image.size]:
+            wholes += 1
+            assert question == single_prompt(world.QUESTION_DESCRIBE) and " shape" in reply.split(":")[0]
+        elif question == single_prompt(world.QUESTION_COLOR):
+            assert reply == colors[0].capitalize() + "."
+        elif question == single_prompt(world.QUESTION_DESCRIBE):
+            assert re.fullmatch(r"A (small|large) (\w+) (\w+)\.", reply).group(2) == colors[0]
+        elif question == pair_prompt(world.QUESTION_SAME_COLOR):
+            answers["same_color"].append(reply)
+            assert reply == ("Yes." if colors[0] == colors[1] else "No.") and boxes[0] != boxes[1]
+        elif question == pair_prompt(world.QUESTION_SAME_SHAPE):
+            answers["same_shape"].append(reply)
+        else:
+            assert question in (single_prompt(world.QUESTION_SHAPE), single_prompt(world.QUESTION_SIZE))
+    assert wholes == 8
+    for kind, replies in answers.items():
+        assert replies and replies.count("Yes.") == replies.count("No."), kind
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_writer_is_deterministic_and_multi_turn(tmp_path: Path) -> None:
+    counts = {"vg": 2, "laion": 2, "instruct": 2}
+    write_shapes_dataset(tmp_path / "a", counts, seed=3, progress=False)
+    write_shapes_dataset(tmp_path / "b", counts, seed=3, progress=False)
+    write_shapes_dataset(tmp_path / "c", counts, seed=4, progress=False)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b") != _tree_digest(tmp_path / "c")
+
+    summary = write_shapes_dataset(tmp_path / "d", {"instruct": 3}, seed=3, turns_per_record=4, progress=False)
+    records = json.loads((tmp_path / "d" / "region_instruct" / "instruct.json").read_text())
+    assert summary["instruct"]["records"] == len(records) and max(len(r["conversations"]) for r in records) == 8
+    for rec in records:
+        img_count = sum(t["value"].count("[IMG]") for t in rec["conversations"] if t["from"] == "human")
+        assert img_count == len(rec["boxes"])
+    with pytest.raises(ValueError):
+        write_shapes_dataset(tmp_path / "e", {"coco": 1}, progress=False)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def language_texts() -> list[str]:
+    """Every kind of text the shapes language and the conversation template produce."""
+    rng = np.random.default_rng(0)
+    texts = []
+    for size, color, shape in itertools.product(SIZES, COLORS, SHAPES):
+        o = obj(shape, color, size, (0, 0, 1, 1))
+        texts += [region_phrase(o), *(single_answer(k, o) for k in world.SINGLE_QUESTIONS)]
+    texts += [whole_image_caption(draw_scene(rng, n)[1]) for n in (1, 2, 3, 4, 5, None, None)]
+    texts += [re.sub(r'[.!"()*#:;~]', " ", t.lower()) for t in texts[-7:]]  # as the LAION loader cleans them
+    texts += ["Yes.", "No."]
+    prompts = [single_prompt(q) for q in world.SINGLE_QUESTIONS.values()]
+    prompts += [pair_prompt(q) for q in world.PAIR_QUESTIONS.values()]
+    texts += [f"### Human: {p}\n### Assistant:" for p in prompts]
+    answers = ["A large red circle.", "Red.", "Circle."]
+    texts += [f"### Human: {p}\n### Assistant: {a}\n###" for p, a in zip(prompts[:3], answers, strict=True)]
+    texts += [f"{a}###" for a in answers]  # a training target: caption + stop sequence
+    return texts
+
+
+def test_tokenizer_round_trips(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    build_shapes_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) < 200
+    assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "</s>", "[PAD]")
+    assert tok.pad_token_id == len(tok) - 1 and tok.unk_token_id == 0
+    for text in language_texts():
+        # split at [IMG] as the model does: only the first piece gets BOS
+        first, *rest = text.split("[IMG]")
+        ids = tok(first).input_ids + [i for p in rest for i in tok(p, add_special_tokens=False).input_ids]
+        assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:] and tok.eos_token_id not in ids
+        assert tok.unk_token_id not in ids, (text, tok.convert_ids_to_tokens(ids))
+        assert tok.decode(ids, skip_special_tokens=True) == text.replace("[IMG]", "")
+        plain = text.replace("[IMG]", "")
+        assert tok.decode(tok(plain).input_ids, skip_special_tokens=True) == plain
+        assert len(tok(plain, add_special_tokens=False).input_ids) == len(tok(plain).input_ids) - 1
+    stop = tok("###", add_special_tokens=False).input_ids
+    assert tok.decode(stop) == "###" and len(stop) == 1
+    assert "\n" in tok.convert_ids_to_tokens(tok("a\nb").input_ids)
+    assert tok("a zebra", add_special_tokens=False).input_ids[-1] == tok.unk_token_id
+    assert (
+        len(
+            tok(
+                whole_image_caption(
+                    Scene(320, 320, 128, 0.0, [obj("circle", "red", "small", (i * 60, 0, 50, 50)) for i in range(5)])
+                ),
+                add_special_tokens=False,
+            ).input_ids
+        )
+        <= 31
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+@pytest.fixture(scope="module")
+def eval_items(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return make_eval_items(seed=21, num_scenes=40, image_dir=tmp_path_factory.mktemp("eval"))
+
+
+def test_eval_items_format(eval_items: list[dict]) -> None:
+    kinds = [it["meta"]["kind"] for it in eval_items]
+    assert {k: kinds.count(k) for k in set(kinds)} == {
+        k: 40 for k in ("describe", "color", "shape", "size", "whole", "same_color", "same_shape")
+    }
+    for item in eval_items:
+        image = Image.open(item["image"])
+        meta = item["meta"]
+        assert item["question"].count("[IMG]") == len(item["boxes"])
+        if meta["kind"] == "whole":
+            assert item["boxes"] == [[0, 0, *image.size]] and item["question"] == single_prompt(world.QUESTION_DESCRIBE)
+        elif meta["kind"] == "color":
+            assert meta["answer"] == nearest_color(center_rgb(image, item["boxes"][0])).capitalize() + "."
+    for kind in ("same_color", "same_shape"):
+        replies = [it["meta"]["answer"] for it in eval_items if it["meta"]["kind"] == kind]
+        assert replies.count("Yes.") == replies.count("No.") == 20
+
+
+def _answer_from(kind: str, objects: list[dict], indices: list[int]) -> str:
+    """Answer as the generator would, about the objects at ``indices``."""
+    os = [obj(o["shape"], o["color"], o["size"], tuple(o["box"])) for o in (objects[i] for i in indices)]
+    if kind in world.PAIR_QUESTIONS:
+        return pair_answer(kind, *os)
+    if kind == "whole":
+        return region_description(os[0])  # a box-blind model describes one object, with no count
+    return single_answer(kind, os[0])
+
+
+def test_scores_of_perfect_and_box_blind_predictors(eval_items: list[dict]) -> None:
+    perfect = score(eval_items, [it["meta"]["answer"] for it in eval_items])
+    assert all(s["value"] == 1.0 and s["passed"] for s in perfect.values()) and len(perfect) == 7
+    assert "FAIL" not in format_table(perfect)
+
+    rng = np.random.default_rng(0)
+    blind_answers = []
+    for it in eval_items:
+        meta = it["meta"]
+        n = len(meta["objects"])
+        indices = (
+            list(rng.choice(n, size=2, replace=False))
+            if meta["kind"] in world.PAIR_QUESTIONS
+            else [int(rng.integers(n))]
+        )
+        blind_answers.append(_answer_from(meta["kind"], meta["objects"], indices))
+    blind = score(eval_items, blind_answers)
+    for kind in ("describe", "color", "shape", "size"):
+        assert blind[kind]["value"] < 0.75 and not blind[kind]["passed"], (kind, blind[kind])
+    for kind in ("same_color", "same_shape"):
+        assert blind[kind]["value"] < 0.8 and not blind[kind]["passed"], (kind, blind[kind])
+    assert blind["whole"]["value"] == 0.0
+    assert format_table(blind).count("FAIL") == 7
+
+
+def test_score_parsing() -> None:
+    o = [{"shape": "circle", "color": "red", "size": "large", "box": [0, 0, 9, 9]}]
+    items = [
+        {"meta": {"kind": "color", "answer": "Red.", "objects": o, "target": 0}},
+        {"meta": {"kind": "color", "answer": "Red.", "objects": o, "target": 0}},
+        {"meta": {"kind": "describe", "answer": "A large red circle.", "objects": o, "target": 0}},
+        {"meta": {"kind": "describe", "answer": "A large red circle.", "objects": o, "target": 0}},
+        {"meta": {"kind": "whole", "answer": "one shape: a large red circle", "objects": o, "count": 1}},
+        {"meta": {"kind": "same_shape", "answer": "Yes."}},
+        {"meta": {"kind": "same_shape", "answer": "No."}},
+        {"meta": {"kind": "same_shape", "answer": "No."}},
+    ]
+    answers = [
+        " red ",
+        "Red circle.",
+        "a red LARGE circle",
+        "A large red circle and a blue star.",
+        "One shape.",
+        "yes",
+        "Yes.",
+        "no",
+    ]
+    s = score(items, answers)
+    assert s["color"]["value"] == 0.5 and s["describe"]["value"] == 0.5 and s["whole"]["value"] == 1.0
+    assert (
+        s["same_shape"]["yes_recall"] == 1.0
+        and s["same_shape"]["no_recall"] == 0.5
+        and s["same_shape"]["value"] == 0.75
+    )
+    with pytest.raises(ValueError):
+        score(items, answers[:-1])
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert cli_main(["--out", str(out), "--seed", "2", "--vg", "2", "--instruct", "1", "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "vg 2 images" in line and "instruct 1 images" in line and "\n" not in line
+    assert (out / "VisualGenome" / "region_descriptions.json").exists() and not (out / "LAION").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--out", str(out), "--vg", "1", "--no-progress"])  # exists already
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        cli_main(["--out", str(tmp_path / "x")])  # nothing to write
+    with pytest.raises(SystemExit):
+        cli_main(["--out", str(tmp_path / "x"), "--vg", "-1"])
