@@ -85,6 +85,9 @@ class ModelConfig:
     prompt_template: str = ""
     max_txt_len: int = 32
     end_sym: str = "###"
+    # training aid for models trained from scratch: weight of a loss that pulls the
+    # learned queries' cross-attention inside the box (0 = off, as upstream)
+    box_attention_loss_weight: float = 0.0
 
 
 @dataclass
@@ -163,6 +166,8 @@ class RunConfig:
     world_size: int = 1
     dist_url: str = "env://"
     distributed: bool = True
+    # DDP: set when some trainable parameter gets no gradient in a step
+    find_unused_parameters: bool = False
 
 
 @dataclass
@@ -199,16 +204,20 @@ class Config:
 _TOP_LEVEL = ("model", "datasets", "run")
 
 
-def _merge(schema: Any, data: Any, where: str) -> Any:
-    """Merge ``data`` onto the structured ``schema``; errors name the offending key."""
+def _merge(schema: Any, data: Any, where: str, section: str) -> Any:
+    """Merge ``data`` (the ``section`` of the file) onto the structured ``schema``; errors
+    name the offending key in full, e.g. ``model.qformer.num_layers``."""
+    if data is not None and not isinstance(data, (dict, DictConfig)):
+        raise ConfigError(f"{where}: '{section}' must be a mapping of keys, got {type(data).__name__}")
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
     try:
         merged = OmegaConf.merge(base, data if data is not None else {})
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
-        msg = str(err).splitlines()[0]
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        key = f"{section}.{key}" if key else section
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{where}: invalid key '{key}': {msg}") from None
 
 
@@ -233,12 +242,14 @@ def from_dict(raw: Any, where: str = "config") -> Config:
     for key in raw.keys():
         if key not in _TOP_LEVEL:
             raise ConfigError(f"{where}: unknown top-level key '{key}' (expected {', '.join(_TOP_LEVEL)})")
-    model = _merge(ModelConfig, raw.get("model"), where)
+    model = _merge(ModelConfig, raw.get("model"), where, "model")
     datasets_raw = raw.get("datasets") or {}
+    if not isinstance(datasets_raw, (dict, DictConfig)):
+        raise ConfigError(f"{where}: 'datasets' must be a mapping of dataset names, got {type(datasets_raw).__name__}")
     datasets: Dict[str, DatasetConfig] = {}
     for name in datasets_raw.keys():
-        datasets[str(name)] = _merge(DatasetConfig, datasets_raw[name], f"{where}: datasets.{name}")
-    run = _merge(RunConfig, raw.get("run"), where)
+        datasets[str(name)] = _merge(DatasetConfig, datasets_raw[name], where, f"datasets.{name}")
+    run = _merge(RunConfig, raw.get("run"), where, "run")
     return Config(model=model, datasets=datasets, run=run)
 
 
@@ -256,7 +267,11 @@ def load_config(path: str | Path, options: Optional[Sequence[str]] = None) -> Co
     except Exception as err:  # yaml.YAMLError and friends
         raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
     if options:
-        raw = OmegaConf.merge(raw, parse_options(options))
+        overrides = parse_options(options)
+        try:
+            raw = OmegaConf.merge(raw, overrides)
+        except (OmegaConfBaseException, TypeError, ValueError) as err:
+            raise ConfigError(f"--options: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     cfg = from_dict(raw, where=str(path))
     cfg.path = str(path)
     return cfg

@@ -15,7 +15,7 @@ from torch import nn
 from click4caption import registry
 from click4caption.checkpoint import (
     LoadReport, convert_upstream_state_dict, convert_vit_state_dict, log_report, match_to_model,
-    read_state_dict, resize_pos_embed, summarize_keys,
+    read_state_dict, require_file, required_keys_check, resize_pos_embed, summarize_keys,
 )
 from click4caption.config import ModelConfig
 from click4caption.errors import CheckpointError, ConfigError
@@ -62,12 +62,14 @@ def build_skeleton(cfg: ModelConfig, llm: nn.Module, tokenizer) -> Click4Caption
         raise ConfigError(f"model.image_size {cfg.image_size} is not a multiple of the patch size {variant.patch_size}")
     visual = VisionEncoder(variant, cfg.image_size, cfg.use_vit_multiblock_feat, cfg.drop_path_rate,
                            cfg.use_grad_checkpoint)
-    qformer = build_qformer(cfg.qformer, variant.embed_dim)
+    qformer = build_qformer(cfg.qformer, variant.embed_dim,
+                            attn_implementation="eager" if cfg.box_attention_loss_weight > 0 else "sdpa")
     queries = init_query_tokens(cfg.num_query_token, cfg.qformer.hidden_size)
     prompt = PromptEncoder(cfg.qformer.hidden_size, variant.embed_dim, cfg.image_size, cfg.add_img_pe)
     return Click4Caption(visual, qformer, queries, prompt, llm, tokenizer, image_size=cfg.image_size,
                          delete_vit_cls_token=cfg.delete_vit_cls_token, add_img_pe=cfg.add_img_pe,
-                         max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym)
+                         max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym,
+                         box_attention_loss_weight=cfg.box_attention_loss_weight)
 
 
 def _apply(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> set[str]:
@@ -95,7 +97,7 @@ def load_weights(model: Click4Caption, cfg: ModelConfig, for_training: bool) -> 
 
     vit_path = resolve_path(cfg.vit_ckpt)
     if vit_path:
-        state = read_state_dict(vit_path, "ViT checkpoint (model.vit_ckpt)")
+        state = read_state_dict(vit_path, VIT_WHAT)
         if "pos_embed" in state:
             state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.visual_encoder.patch_embed.num_patches)
         state = convert_vit_state_dict(state)
@@ -103,17 +105,7 @@ def load_weights(model: Click4Caption, cfg: ModelConfig, for_training: bool) -> 
         covered |= _apply(model, kept, rep)
         reports["vit"] = rep
 
-    ckpt_path = resolve_path(cfg.ckpt)
-    sources: list[tuple[str, str]] = []
-    if not ckpt_path:
-        for key, what in (("q_former_model", "BLIP-2 Q-Former checkpoint (model.q_former_model)"),
-                          ("llama_proj_ckpt", "MiniGPT-4 projection checkpoint (model.llama_proj_ckpt)")):
-            path = resolve_path(getattr(cfg, key))
-            if path and not path.startswith(("http://", "https://")):
-                sources.append((path, what))
-    else:
-        sources.append((ckpt_path, "Click4Caption checkpoint (model.ckpt)"))
-    for path, what in sources:
+    for path, what in checkpoint_sources(cfg):
         raw = read_state_dict(path, what)
         renamed, ignored = convert_upstream_state_dict(raw)
         if "q_former_model" in what:  # a BLIP-2 file holds whole models; take our parts only
@@ -127,15 +119,44 @@ def load_weights(model: Click4Caption, cfg: ModelConfig, for_training: bool) -> 
         covered |= _apply(model, kept, rep)
         reports[key_for(what)] = rep
 
-    missing = sorted(k for k in shapes if k not in covered)
-    if missing:
-        if for_training:
+    if for_training:
+        missing = sorted(k for k in shapes if k not in covered)
+        if missing:
             logger.info("initialised randomly (no checkpoint provides them): %s", summarize_keys(missing))
-        else:
-            raise CheckpointError(
-                f"{len(missing)} model tensors are in no checkpoint: {summarize_keys(missing, limit=8)} "
-                f"(set model.ckpt to a trained Click4Caption checkpoint)")
+    else:
+        required_keys_check(shapes, covered)
     return reports
+
+
+VIT_WHAT = "ViT checkpoint (model.vit_ckpt)"
+
+
+def checkpoint_sources(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """The files after the ViT's that :func:`load_weights` reads, in order, as ``(path, what)``:
+    ``ckpt`` when set, else the BLIP-2 Q-Former and MiniGPT-4 projection files."""
+    ckpt_path = resolve_path(cfg.ckpt)
+    if ckpt_path:
+        return [(ckpt_path, "Click4Caption checkpoint (model.ckpt)")]
+    sources: list[tuple[str, str]] = []
+    for key, what in (("q_former_model", "BLIP-2 Q-Former checkpoint (model.q_former_model)"),
+                      ("llama_proj_ckpt", "MiniGPT-4 projection checkpoint (model.llama_proj_ckpt)")):
+        path = resolve_path(getattr(cfg, key))
+        if path and not path.startswith(("http://", "https://")):
+            sources.append((path, what))
+    return sources
+
+
+def check_checkpoint_files(cfg: ModelConfig) -> None:
+    """Fail fast, before the (slow) LLM load, when a checkpoint file the config names is missing.
+
+    Raises:
+        CheckpointError: naming the first missing file and what it is for.
+    """
+    vit_path = resolve_path(cfg.vit_ckpt)
+    if vit_path:
+        require_file(vit_path, VIT_WHAT)
+    for path, what in checkpoint_sources(cfg):
+        require_file(path, what)
 
 
 def key_for(what: str) -> str:
@@ -147,7 +168,8 @@ def set_trainable(model: Click4Caption, cfg: ModelConfig) -> None:
     frozen: list[str] = []
     if cfg.freeze_vit:
         frozen.append("visual_encoder")
-        if not cfg.use_vit_multiblock_feat:  # upstream unfreezes ln_vision with multi-block features
+        # upstream unfreezes ln_vision with multi-block features or a non-224 input size
+        if not cfg.use_vit_multiblock_feat and cfg.image_size == 224:
             frozen.append("ln_vision")
     if cfg.freeze_qformer:
         frozen += ["qformer", "query_tokens"]
@@ -171,6 +193,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_traini
     llm_path = resolve_path(cfg.llama_model)
     if not llm_path:
         raise ConfigError("model.llama_model must name the LLM folder")
+    check_checkpoint_files(cfg)
     llm, tokenizer = load_llm(llm_path, device, llm_dtype, from_scratch=cfg.llm_from_scratch,
                               low_resource=cfg.low_resource, device_8bit=cfg.device_8bit)
     model = build_skeleton(cfg, llm, tokenizer)

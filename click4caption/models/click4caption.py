@@ -51,6 +51,7 @@ class Click4Caption(nn.Module):
         add_img_pe: bool = True,
         max_txt_len: int = 32,
         end_sym: str = "###",
+        box_attention_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -66,6 +67,13 @@ class Click4Caption(nn.Module):
         self.add_img_pe = add_img_pe
         self.max_txt_len = max_txt_len
         self.end_sym = end_sym
+        self.box_attention_loss_weight = box_attention_loss_weight
+        self._attn_maps: list[torch.Tensor] | None = None
+        self._box_attn_loss: torch.Tensor | None = None
+        if box_attention_loss_weight > 0:
+            for layer in self.qformer.encoder.layer:
+                if layer.has_cross_attention:
+                    layer.crossattention.attention.register_forward_hook(self._record_attention)
 
     frozen_modules: tuple[str, ...] = ()
 
@@ -97,6 +105,43 @@ class Click4Caption(nn.Module):
         boxes[:, :, 0] = jitter[:, :, 0]
         boxes[:, :, 1] = self.img_size - jitter[:, :, 1]
         return boxes.to(self.device)
+
+    def _record_attention(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._attn_maps is not None and isinstance(output, tuple) and output[1] is not None:
+            self._attn_maps.append(output[1])
+
+    def inside_box_mask(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Which image tokens lie in each box: ``Nx2x2`` boxes -> ``NxT`` float mask.
+
+        A patch is inside when its centre is; a box holding no centre gets the patch
+        nearest to its own centre. A kept CLS token is never inside.
+        """
+        gh, gw = self.visual_encoder.grid_size
+        s = float(self.img_size)
+        ys = (torch.arange(gh, device=boxes.device, dtype=boxes.dtype) + 0.5) * s / gh
+        xs = (torch.arange(gw, device=boxes.device, dtype=boxes.dtype) + 0.5) * s / gw
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        cx, cy = cx.reshape(1, -1), cy.reshape(1, -1)
+        b = boxes.clip(0, s)
+        x1, y1, x2, y2 = b[:, 0, 0:1], b[:, 0, 1:2], b[:, 1, 0:1], b[:, 1, 1:2]
+        mask = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
+        dist = (cx - (x1 + x2) / 2) ** 2 + (cy - (y1 + y2) / 2) ** 2
+        nearest = torch.zeros_like(mask).scatter_(1, dist.argmin(dim=1, keepdim=True), True)
+        mask = torch.where(mask.any(dim=1, keepdim=True), mask, nearest).to(boxes.dtype)
+        if num_tokens == mask.shape[1] + 1:
+            mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
+        return mask
+
+    def box_attention_loss(self, maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """Mean of ``-log`` (attention mass of the learned queries inside the box).
+
+        A training aid for models trained from scratch (the shapes model): it teaches
+        the queries to look between the corners. ``maps``: per cross-attention layer
+        ``NxHx(Q+2)xT``.
+        """
+        mask = self.inside_box_mask(boxes, maps[0].shape[-1])[:, None, None, :]
+        losses = [-(m[:, :, : self.num_query_token] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
+        return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------ vision
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -131,11 +176,18 @@ class Click4Caption(nn.Module):
         corners = self.prompt_encoder.encode_boxes(boxes.to(self.device))
         tokens = torch.cat([queries, corners.to(queries.dtype)], dim=1)
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.qformer(
-            query_embeds=tokens,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=atts,
-        ).last_hidden_state
+        record = self.training and self.box_attention_loss_weight > 0
+        self._attn_maps = [] if record else None
+        try:
+            out = self.qformer(
+                query_embeds=tokens,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=atts,
+            ).last_hidden_state
+            if record and self._attn_maps:
+                self._box_attn_loss = self.box_attention_loss(self._attn_maps, boxes.to(self.device).float())
+        finally:
+            self._attn_maps = None
         soft = self.llama_proj(out[:, : self.num_query_token].to(self.llama_proj.weight.dtype))
         return soft.to(self.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=self.device)).dtype)
 
@@ -173,7 +225,9 @@ class Click4Caption(nn.Module):
 
         Conversation mode (region instructions): ``image``, ``bbox`` ``BxKx2x2`` padded,
         ``num_boxes`` (B ints) and ``conversations`` (B lists of LLaVA-style turns whose
-        human turns hold one ``[IMG]`` per box); loss on the assistant replies.
+        human turns hold one ``[IMG]`` per box); loss on the assistant replies. With
+        ``image_index`` (B ints), ``image`` holds U distinct images and record b uses
+        ``image[image_index[b]]`` (one ViT pass per image however many records).
         """
         if "conversations" in samples:
             return self._forward_conversations(samples)
@@ -197,13 +251,23 @@ class Click4Caption(nn.Module):
         inputs = torch.cat([self.embed_tokens(bos), soft, self.embed_tokens(regress.input_ids)], dim=1)
         mask = torch.cat([atts[:, :1], atts, regress.attention_mask], dim=1)
         out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
-        return {"loss": out.loss}
+        return self._losses(out.loss)
+
+    def _losses(self, lm_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"loss": total}`` plus the parts when a box-attention loss was added."""
+        aux, self._box_attn_loss = self._box_attn_loss, None
+        if aux is None:
+            return {"loss": lm_loss}
+        return {"loss": lm_loss + self.box_attention_loss_weight * aux, "lm_loss": lm_loss.detach(),
+                "box_attention_loss": aux.detach()}
 
     def _forward_conversations(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
         image = samples["image"].to(self.device)
         boxes = samples["bbox"].to(self.device)
         counts = [int(c) for c in samples["num_boxes"]]
         image_embeds = self.encode_image(image)
+        if samples.get("image_index") is not None:  # records sharing images: one ViT pass each
+            image_embeds = image_embeds[torch.as_tensor(samples["image_index"], device=self.device)]
         rows = [b for b, c in enumerate(counts) for _ in range(c)]
         flat = torch.cat([boxes[b, :c] for b, c in enumerate(counts)]) if rows else boxes[:0, 0]
         soft = self.encode_regions(image_embeds[rows], flat) if rows else None
@@ -224,7 +288,7 @@ class Click4Caption(nn.Module):
             targets[i, : s.shape[0]] = lab
             mask[i, : s.shape[0]] = 1
         out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
-        return {"loss": out.loss}
+        return self._losses(out.loss)
 
     def conversation_training_row(
         self, turns: Sequence[dict[str, str]], regions: torch.Tensor | None

@@ -8,7 +8,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from click4caption.config import QFormerSize
 
 
-def build_qformer(size: QFormerSize, vision_dim: int) -> Blip2QFormerModel:
+def build_qformer(size: QFormerSize, vision_dim: int, attn_implementation: str = "sdpa") -> Blip2QFormerModel:
     """A ``Blip2QFormerModel`` with BERT-style post-norm layers, cross-attending to
     ``vision_dim``-wide image tokens every ``cross_attention_freq`` layers."""
     config = Blip2QFormerConfig(
@@ -24,7 +24,7 @@ def build_qformer(size: QFormerSize, vision_dim: int) -> Blip2QFormerModel:
         hidden_act="gelu",
         use_qformer_text_input=False,
     )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation  # "eager" returns attention maps
     return Blip2QFormerModel(config)
 
 

@@ -1,0 +1,160 @@
+"""One command that rebuilds the shipped shapes model from scratch.
+
+``python -m click4caption.shapes.recipe`` (also ``make shapes-model``):
+
+1. draws the training data (seed 0) in the real formats: a Visual Genome folder,
+   LAION webdataset shards and region-instruction JSON (``data/shapes/``);
+2. writes the word-level tokenizer and the LLaMA config (``models/shapes/llm/``);
+3. trains everything from scratch through the real trainer (``train.py``'s
+   :func:`~click4caption.training.run_training`) with ``train_configs/shapes_train.yaml``;
+4. exports the shipped files: ``models/shapes/llm/`` (a transformers LLaMA folder)
+   and ``models/shapes/click4caption_shapes.pth`` (everything else), read by
+   ``eval_configs/shapes_eval.yaml``;
+5. scores the result on fresh scenes (``evaluate.py shapes``) and writes
+   ``models/shapes/REPORT.md``.
+
+Rerunning resumes an interrupted training from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+from click4caption.cli import PROJECT_ROOT, pick_device, run_main, setup_logging
+from click4caption.config import Config, load_config
+from click4caption.shapes.tokenizer import build_shapes_tokenizer
+from click4caption.shapes.writers import write_shapes_dataset
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CONFIG = "train_configs/shapes_train.yaml"
+EVAL_CONFIG = "eval_configs/shapes_eval.yaml"
+MODEL_DIR = "models/shapes"
+DATA_DIR = "data/shapes"
+CKPT_NAME = "click4caption_shapes.pth"
+DATA_SEED = 0
+# images per part; the instruction records hold TURNS questions about one image each
+NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 6000}
+TURNS = 4
+# the shapes LLM (trained from scratch with the rest)
+LLM_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=512)
+
+
+def write_llm_folder(folder: Path) -> None:
+    """Tokenizer files and ``config.json`` of the shapes LLaMA (no weights yet)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_shapes_tokenizer(folder)
+    LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **LLM_SIZES).save_pretrained(folder)
+
+
+def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
+    """Trainer checkpoint -> shipped files: the LLM as a transformers folder (weights
+    included) and the other parts as ``{'model': state_dict}``."""
+    from click4caption.models.builder import build_model
+    from click4caption.training.checkpointing import load_checkpoint_file
+
+    state = load_checkpoint_file(checkpoint)["model"]
+    model = build_model(cfg.model, device="cpu", for_training=True)
+    result = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(result.missing_keys) & trainable)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {checkpoint} does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+    llm_dir = model_dir / "llm"
+    model.llama_model.save_pretrained(llm_dir)
+    rest = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("llama_model.")}
+    tmp = model_dir / (CKPT_NAME + ".tmp")
+    torch.save({"model": rest}, tmp)
+    tmp.replace(model_dir / CKPT_NAME)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "bytes": (model_dir / CKPT_NAME).stat().st_size + sum(f.stat().st_size for f in llm_dir.iterdir())}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Rebuild the shipped shapes model from scratch.")
+    p.add_argument("--data", default=DATA_DIR, help="where the training data is written")
+    p.add_argument("--model-dir", default=MODEL_DIR, help="where the shipped model is written")
+    p.add_argument("--exp_name", default="shapes")
+    p.add_argument("--options", nargs="+", default=None, help="overrides for train_configs/shapes_train.yaml")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--eval-scenes", type=int, default=100)
+    p.add_argument("--skip-train", action="store_true", help="export and evaluate the last checkpoint only")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    from click4caption.training import run_training
+
+    root = PROJECT_ROOT
+    data, model_dir = (root / args.data).resolve(), (root / args.model_dir).resolve()
+    device = pick_device(args.device)
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    if not (data / "region_instruct" / "instruct.json").exists():
+        summary = write_shapes_dataset(data, NUM_IMAGES, seed=DATA_SEED, turns_per_record=TURNS)
+        logger.info("training data: %s", summary)
+    timings["data_s"] = time.time() - t
+    write_llm_folder(model_dir / "llm")
+
+    options = [f"model.llama_model={model_dir / 'llm'}",
+               f"datasets.vg.build_info.storage={data / 'VisualGenome'}",
+               f"datasets.laion.build_info.storage={data / 'LAION'}/{{00000..00001}}.tar",
+               f"datasets.region_instruct.build_info.storage={data / 'region_instruct' / 'instruct.json'}",
+               f"run.device={device.type}", "run.resume_ckpt_path=auto", *(args.options or [])]
+    cfg = load_config(root / TRAIN_CONFIG, options)
+    t = time.time()
+    result = None
+    if not args.skip_train:
+        result = run_training(cfg, args.exp_name)
+    timings["train_s"] = time.time() - t
+    out_dir = Path(cfg.run.output_dir) / args.exp_name
+    last = out_dir / "checkpoint_last.pth"
+    if result is not None and result.last_checkpoint is not None:
+        last = result.last_checkpoint
+    sizes = export(cfg, last, model_dir)
+
+    from click4caption.captioner import Captioner, GenerationSettings
+    from click4caption.shapes.scoring import format_table
+    from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, evaluate_shapes
+
+    t = time.time()
+    eval_cfg = load_config(root / EVAL_CONFIG, [f"model.llama_model={model_dir / 'llm'}",
+                                               f"model.ckpt={model_dir / CKPT_NAME}"])
+    captioner = Captioner.from_config(eval_cfg, device=device, settings=GenerationSettings(max_new_tokens=60))
+    eval_dir = out_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    scores = evaluate_shapes(captioner, DEFAULT_EVAL_SEED, args.eval_scenes, eval_dir)
+    timings["eval_s"] = time.time() - t
+    table = format_table(scores)
+    print(table)
+    report = {
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "iterations": cfg.run.max_epoch * cfg.run.iters_per_epoch,
+        "device": str(device), "cpu_threads": torch.get_num_threads(), "machine": platform.platform(),
+        **sizes, "scores": scores,
+    }
+    (model_dir / "REPORT.json").write_text(json.dumps(report, indent=2))
+    (model_dir / "REPORT.md").write_text(
+        f"# Shipped shapes model\n\nRebuilt with `python -m click4caption.shapes.recipe` on {device} "
+        f"({torch.get_num_threads()} threads): data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, "
+        f"evaluation {timings['eval_s']:.0f} s.\n\n{sizes['params']:,} parameters, {sizes['bytes'] / 1e6:.1f} MB.\n\n"
+        f"Evaluated on {args.eval_scenes} fresh scenes (seed {DEFAULT_EVAL_SEED}):\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
