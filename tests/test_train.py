@@ -1,0 +1,359 @@
+"""The trainer: optimiser and schedule of the recipe, atomic checkpoints that resume
+exactly, the app's command line, and a 2-process torchrun run over data in every real
+format that is killed and resumed."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from click4caption.config import from_dict, load_config
+from click4caption.errors import Click4CaptionError
+from click4caption.training import checkpointing as ckpt_io
+from click4caption.training.loop import Trainer, run_training
+from click4caption.training.optim import lr_at, param_groups
+from tests.fixtures_train import tiny_train_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = REPO_ROOT / "train_configs" / "click4caption_train.yaml"
+
+
+def tensors_equal(a, b) -> bool:
+    """Deep equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def tensors_close(a: dict, b: dict, atol: float = 1e-5) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """``|a - b| / |b|`` over all tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    diff = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a)
+    norm = sum(float(b[k].float().pow(2).sum()) for k in a)
+    return (diff / max(norm, 1e-12)) ** 0.5
+
+
+# ----------------------------------------------------------------------------- schedule and optimiser
+def test_lr_schedule_is_the_recipe() -> None:
+    run = load_config(SHIPPED).run
+    assert lr_at(0, run) == pytest.approx(1e-6)
+    assert lr_at(10_000, run) == pytest.approx((1e-6 + 5e-5) / 2)
+    assert lr_at(20_000, run) == pytest.approx(5e-5)
+    # cosine over the remaining 30 * 10000 - 20000 steps
+    assert lr_at(20_000 + 140_000, run) == pytest.approx((5e-5 + 1e-5) / 2)
+    assert lr_at(300_000 - 1, run) == pytest.approx(1e-5, rel=1e-3)
+    assert all(lr_at(s, run) >= lr_at(s + 1000, run) for s in range(20_000, 299_000, 7_000))
+
+
+def test_param_groups_skip_frozen_and_exempt_norms_biases() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model.register_parameter("queries", torch.nn.Parameter(torch.zeros(1, 3, 4)))
+    model[2].weight.requires_grad_(False)
+    groups, names = param_groups(model, 0.05)
+    assert names[0] == ["queries", "0.weight"]
+    assert names[1] == ["0.bias", "1.weight", "1.bias", "2.bias"]
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def test_atomic_save_never_leaves_a_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "checkpoint_last.pth"
+    ckpt_io.atomic_save({"model": {"w": torch.ones(2)}}, target)
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as if killed while writing
+
+    monkeypatch.setattr(ckpt_io.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.atomic_save({"model": {"w": torch.zeros(2)}}, target)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pth"]  # no temporary left
+    assert torch.equal(ckpt_io.load_checkpoint(target)["model"]["w"], torch.ones(2))  # old one intact
+
+
+def test_rotation_keeps_the_newest(tmp_path: Path) -> None:
+    for it in (10, 20, 30, 40):
+        ckpt_io.write_checkpoint({"model": {}, "iteration": it}, tmp_path, it, keep_last=2,
+                                 epoch_end=0 if it == 20 else None)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint_0.pth", "checkpoint_iter00000030.pth", "checkpoint_iter00000040.pth",
+                     "checkpoint_last.pth"]
+    assert ckpt_io.load_checkpoint(tmp_path / "checkpoint_last.pth")["iteration"] == 40
+    assert ckpt_io.load_checkpoint(tmp_path / "checkpoint_0.pth")["iteration"] == 20
+    with pytest.raises(Click4CaptionError, match="not found"):
+        ckpt_io.load_checkpoint(tmp_path / "nope.pth")
+
+
+# ----------------------------------------------------------------------------- one process, in this process
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and 2 shared cores are easily oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    tiny_train_config(root)  # data + tiny LLM, reused by the configs below
+    return root
+
+
+def test_train_save_and_resume_exactly(setup_dir: Path) -> None:
+    """12 iterations with accumulation and clipping; resuming the iteration-8
+    checkpoint restores step and optimizer state and ends where the full run ended."""
+    run = {"save_every_iters": 4, "keep_last_ckpts": 5, "accum_grad_iters": 2, "grad_clip": 1.0, "log_freq": 4}
+    yaml_path = tiny_train_config(setup_dir, iters=6, epochs=2, run=run,
+                                  model={"freeze_llm": False, "freeze_vit": False})
+    cfg = load_config(yaml_path)
+    full = run_training(cfg, "full")
+    out = full.output_dir
+    assert full.end_iteration == 12 and len(full.losses) == 12
+    assert set(full.sources) == {"vg", "textocr", "laion", "region_instruct"}  # every format went through the model
+    assert {"unreadable_image", "unreadable_shard"} <= set(full.skipped)  # broken samples skipped and counted
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".pth")
+    assert "checkpoint_0.pth" in names and "checkpoint_1.pth" in names and "checkpoint_last.pth" in names
+    ckpt8 = ckpt_io.load_checkpoint(out / "checkpoint_iter00000008.pth")  # weights_only=True
+    final = ckpt_io.load_checkpoint(out / "checkpoint_last.pth")
+    assert ckpt8["iteration"] == 8 and ckpt8["epoch"] == 1 and final["iteration"] == 12
+    assert isinstance(ckpt8["config"], dict) and ckpt8["config"]["run"]["accum_grad_iters"] == 2
+    # everything is trainable here (as for the shapes model): all of it is saved
+    keys = set(final["model"])
+    assert any(k.startswith("visual_encoder.") for k in keys) and any(k.startswith("llama_model.") for k in keys)
+    assert "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in keys  # a buffer
+    # 12 iterations accumulated 2 by 2: 6 optimizer steps
+    assert all(float(s["step"]) == 6 for s in final["optimizer"]["state"].values())
+    assert (out / "train.log").read_text().count("iter 12/12") == 1
+    assert any((out / "tensorboard").iterdir())
+
+    cfg.run.resume_ckpt_path = str(out / "checkpoint_iter00000008.pth")
+    trainer = Trainer(cfg, "resumed")
+    try:
+        trainer.setup()
+        assert trainer.start_iteration == 8
+        assert tensors_equal(trainer.optimizer.state_dict(), ckpt8["optimizer"])
+        state = ckpt_io.trainable_state_dict(trainer.model)
+        assert tensors_equal(state, ckpt8["model"])
+        resumed = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert [i for i, _ in resumed.losses] == [8, 9, 10, 11]
+    assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in full.losses[8:]], abs=1e-5)
+    again = ckpt_io.load_checkpoint(resumed.output_dir / "checkpoint_last.pth")
+    assert relative_distance(again["model"], final["model"]) < 1e-4
+
+    # a training checkpoint is a model.ckpt the model builder loads for inference
+    from click4caption.models.builder import build_model
+
+    model_cfg = from_dict({"model": {**final["config"]["model"], "ckpt": str(out / "checkpoint_last.pth")}}).model
+    model = build_model(model_cfg, for_training=False)
+    assert tensors_close(ckpt_io.trainable_state_dict(model), {k: v for k, v in final["model"].items()})
+
+
+def test_frozen_parts_do_not_change_and_are_not_optimised(setup_dir: Path) -> None:
+    yaml_path = tiny_train_config(setup_dir, iters=3, run={"save_every_iters": 3, "log_freq": 3},
+                                  model={"box_attention_loss_weight": 1.0})
+    cfg = load_config(yaml_path)
+    trainer = Trainer(cfg, "frozen")
+    try:
+        trainer.setup()
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert not any(n.startswith(("visual_encoder.", "llama_model.")) for n in trainable)
+        assert "ln_vision.weight" in trainable  # trainable with multi-block features, as upstream
+        assert len(trainer.params) == len(trainable)
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, v in before.items() if not torch.equal(v, after[n].detach())}
+    assert changed and changed <= trainable
+    assert "| box_attention_loss " in (trainer.out_dir / "train.log").read_text()  # the model's other losses are logged
+    saved = set(ckpt_io.load_checkpoint(trainer.out_dir / "checkpoint_last.pth")["model"])
+    params = set(before)
+    assert saved & params == trainable  # only trainable parameters ...
+    assert "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in saved  # ... plus buffers
+
+
+def test_dry_run_builds_everything_and_runs_no_step(setup_dir: Path) -> None:
+    sys.path.insert(0, str(REPO_ROOT))
+    import train as train_app
+
+    assert train_app.main(["--cfg-path", str(tiny_train_config(setup_dir)), "--exp_name", "dry", "--dry-run"]) == 0
+    out = setup_dir / "output" / "dry"
+    log = (out / "train.log").read_text()
+    assert "dry run: 30 iterations" in log and "dry run: region_instruct batch" in log
+    assert not list(out.glob("*.pth")) and "iter 1/" not in log
+
+
+def test_shipped_config_builds_the_recipe_on_real_layouts(setup_dir: Path) -> None:
+    """train_configs/click4caption_train.yaml over data in the real layouts (the model
+    swapped for the tiny one at 224 px): datasets, ratios and schedule of the recipe."""
+    data = setup_dir / "data"
+    options = [f"datasets.vg.build_info.storage={data / 'VisualGenome'}",
+               f"datasets.textocr.build_info.storage={data / 'TextOCR'}",
+               f"datasets.laion.build_info.storage={data / 'LAION'}/{{00000..00001}}.tar",
+               f"run.output_dir={setup_dir / 'output'}", "run.device=cpu"]
+    cfg = load_config(SHIPPED, options)
+    assert {k: v.sample_ratio for k, v in cfg.datasets.items()} == {"vg": 5, "textocr": 1, "laion": 3}
+    assert cfg.datasets["laion"].special_batch_size == 12 and cfg.datasets["vg"].num_regions == 12
+    tiny = load_config(tiny_train_config(setup_dir, model={"image_size": 224}))
+    cfg.model = tiny.model
+    trainer = Trainer(cfg, "shipped", dry_run=True)
+    try:
+        trainer.setup()
+        sizes = {s.name: s.batch_size for s in trainer.sources}
+        assert sizes == {"vg": 1, "textocr": 1, "laion": 12}
+        assert trainer.total == 300_000
+        trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def test_cli_errors_are_one_line(setup_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sys.path.insert(0, str(REPO_ROOT))
+    import train as train_app
+    from click4caption.cli import run_main
+
+    # a dataset whose every image is broken, found out in a loader worker during training
+    broken = tmp_path / "vg"
+    (broken / "VG_100K").mkdir(parents=True)
+    (broken / "VG_100K" / "1.jpg").write_bytes(b"junk")
+    (broken / "image_data.json").write_text('[{"image_id": 1, "url": "http://x/VG_100K/1.jpg"}]')
+    (broken / "region_descriptions.json").write_text(
+        '[{"id": 1, "regions": [{"phrase": "a", "x": 0, "y": 0, "width": 5, "height": 5}]}]')
+    tiny = str(tiny_train_config(setup_dir))
+    only_broken = [f"datasets.vg.build_info.storage={broken}", "run.num_workers=1",
+                   *(f"datasets.{d}.sample_ratio=0" for d in ("textocr", "laion", "region_instruct"))]
+    for argv, expected in (
+        (["--cfg-path", tiny, "--exp_name", "broken", "--options", *only_broken], "in a row were unusable"),
+        (["--cfg-path", str(tmp_path / "missing.yaml"), "--exp_name", "x"], "config file not found"),
+        (["--cfg-path", str(SHIPPED), "--exp_name", "x", "--options", "run.nope=1"], "nope"),
+        (["--cfg-path", str(SHIPPED), "--exp_name", "x", "--options",
+          f"datasets.vg.build_info.storage={tmp_path}/none", "run.device=cpu", f"run.output_dir={tmp_path}"],
+         "storage not found"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            run_main(lambda: train_app.main(argv))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and expected in err[-1] and "Traceback" not in "\n".join(err)
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 processes
+def torchrun(cfg: Path, exp: str, *options: str) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node 2 train.py ...``; output to ``<cfg dir>/<exp>.out``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "train.py", "--cfg-path", str(cfg), "--exp_name", exp]
+    if options:
+        cmd += ["--options", *options]
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    out = open(cfg.parent / f"{exp}.out", "a")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.output_path = Path(out.name)  # type: ignore[attr-defined]
+    out.close()
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        raise
+    out = proc.output_path.read_text()  # type: ignore[attr-defined]
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants (torchrun's workers run in their own sessions)."""
+    for child in children(pid):
+        kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def logged_losses(log: str) -> dict[int, float]:
+    import re
+
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"iter (\d+)/\d+ epoch \d+ \| loss ([\d.]+)", log)}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_kill_and_resume(setup_dir: Path) -> None:
+    cfg = tiny_train_config(setup_dir, iters=30, run={"save_every_iters": 5, "keep_last_ckpts": 10},
+                            model={"freeze_llm": False})
+    out = setup_dir / "output"
+
+    # the reference run, uninterrupted; the loss goes down
+    finish(torchrun(cfg, "ddp_full"))
+    losses = logged_losses((out / "ddp_full" / "train.log").read_text())
+    assert sorted(losses) == [5, 10, 15, 20, 25, 30]
+    assert losses[25] + losses[30] < 0.85 * (losses[5] + losses[10]), losses
+    assert "backend gloo" in (out / "ddp_full" / "train.log").read_text()
+
+    # the same run killed (SIGKILL, every process) after its first checkpoint
+    proc = torchrun(cfg, "ddp_killed")
+    first = out / "ddp_killed" / ckpt_io.iter_name(5)
+    deadline = time.time() + 180
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    proc.wait(timeout=30)
+    last = ckpt_io.load_checkpoint(out / "ddp_killed" / "checkpoint_last.pth")  # loadable, weights_only
+    saved_at = last["iteration"]
+    assert 5 <= saved_at < 30, "the run finished before it could be killed"
+    reference = ckpt_io.load_checkpoint(out / "ddp_full" / ckpt_io.iter_name(saved_at))
+    assert tensors_equal(last["optimizer"], reference["optimizer"])
+
+    # resumed: continues at the saved step with that optimizer state and ends where the reference ended
+    log = finish(torchrun(cfg, "ddp_killed", "run.resume_ckpt_path=auto"))
+    text = (out / "ddp_killed" / "train.log").read_text()
+    assert f"at iteration {saved_at}" in text, log[-3000:]
+    resumed_losses = logged_losses(text.split(f"at iteration {saved_at}")[-1])
+    assert min(resumed_losses) > saved_at
+    # (bit-exact on one machine; BLAS may differ in the last bits across runs elsewhere)
+    for it, loss in resumed_losses.items():
+        assert loss == pytest.approx(losses[it], abs=2e-3)  # logged with 4 decimals
+    end = ckpt_io.load_checkpoint(out / "ddp_killed" / "checkpoint_last.pth")
+    ref_end = ckpt_io.load_checkpoint(out / "ddp_full" / "checkpoint_last.pth")
+    assert end["iteration"] == 30
+    assert relative_distance(end["model"], ref_end["model"]) < 1e-3
+    moments = {f"{k}.{n}": v for k, st in end["optimizer"]["state"].items() for n, v in st.items()}
+    ref_moments = {f"{k}.{n}": v for k, st in ref_end["optimizer"]["state"].items() for n, v in st.items()}
+    assert relative_distance(moments, ref_moments) < 1e-2
