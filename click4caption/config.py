@@ -88,6 +88,9 @@ class ModelConfig:
     # training aid for models trained from scratch: weight of a loss that pulls the
     # learned queries' cross-attention inside the box (0 = off, as upstream)
     box_attention_loss_weight: float = 0.0
+    # with that loss: cut the box into g x g cells and give each query its own cell
+    # (0 = every query looks at the whole box)
+    box_attention_grid: int = 0
 
 
 @dataclass
@@ -125,7 +128,7 @@ class DatasetConfig:
     # image ids never trained on (for example the VG test split of published benchmarks)
     held_out_ids: List[str] = field(default_factory=list)
     held_out_ids_file: Optional[str] = None
-    # region-instruction data: number of records per batch
+    # LAION: window of consecutive shard samples a batch is drawn from (upstream's shuffle buffer)
     shuffle_buffer: int = 1000
 
 

@@ -52,6 +52,7 @@ class Click4Caption(nn.Module):
         max_txt_len: int = 32,
         end_sym: str = "###",
         box_attention_loss_weight: float = 0.0,
+        box_attention_grid: int = 0,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -68,6 +69,7 @@ class Click4Caption(nn.Module):
         self.max_txt_len = max_txt_len
         self.end_sym = end_sym
         self.box_attention_loss_weight = box_attention_loss_weight
+        self.box_attention_grid = box_attention_grid
         self._attn_maps: list[torch.Tensor] | None = None
         self._box_attn_loss: torch.Tensor | None = None
         if box_attention_loss_weight > 0:
@@ -132,15 +134,35 @@ class Click4Caption(nn.Module):
             mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
         return mask
 
+    def query_cells(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Each learned query's share of the box: ``Nx2x2`` -> ``NxQx2x2``.
+
+        With ``box_attention_grid`` g > 0 the box is cut into g x g cells, row-major, and
+        query q gets cell ``q mod g*g``; with g = 0 every query gets the whole box.
+        """
+        g = self.box_attention_grid
+        q = self.num_query_token
+        if g <= 0:
+            return boxes[:, None].expand(-1, q, -1, -1)
+        cell = torch.arange(q, device=boxes.device) % (g * g)
+        row, col = (cell // g).to(boxes.dtype), (cell % g).to(boxes.dtype)
+        tl, size = boxes[:, None, 0], (boxes[:, 1] - boxes[:, 0])[:, None]  # Nx1x2
+        start = torch.stack([col, row], dim=-1)[None] / g  # 1xQx2 (x, y)
+        top_left = tl + start * size
+        return torch.stack([top_left, top_left + size / g], dim=2)
+
     def box_attention_loss(self, maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """Mean of ``-log`` (attention mass of the learned queries inside the box).
+        """Mean of ``-log`` (attention mass of each learned query inside its target).
 
         A training aid for models trained from scratch (the shapes model): it teaches
-        the queries to look between the corners. ``maps``: per cross-attention layer
-        ``NxHx(Q+2)xT``.
+        the queries to look between the corners, each at its own cell of the box when
+        ``box_attention_grid`` is set (so the box's layout reaches the LLM). ``maps``:
+        per cross-attention layer ``NxHx(Q+2)xT``.
         """
-        mask = self.inside_box_mask(boxes, maps[0].shape[-1])[:, None, None, :]
-        losses = [-(m[:, :, : self.num_query_token] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
+        n, q = boxes.shape[0], self.num_query_token
+        cells = self.query_cells(boxes).reshape(n * q, 2, 2)
+        mask = self.inside_box_mask(cells, maps[0].shape[-1]).reshape(n, 1, q, -1)
+        losses = [-(m[:, :, :q] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------ vision
