@@ -16,20 +16,34 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from PIL import ImageDraw
 
-from click4caption.captioner import Captioner, GenerationSettings
+# light imports only: what the user gave is checked before torch & co. are imported
+from click4caption.boxes import normalize_box
 from click4caption.cli import default_config_path, pick_device, run_main, seed_everything, setup_logging
 from click4caption.config import load_config
-from click4caption.conversation import DESCRIBE_PROMPT, IMG_TOKEN
 from click4caption.errors import Click4CaptionError, InputError
+from click4caption.images import load_image
+from click4caption.prompts import DESCRIBE_PROMPT, IMG_TOKEN, check_question
+
+if TYPE_CHECKING:
+    from click4caption.captioner import Captioner
 
 logger = logging.getLogger("click4caption.inference")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Click4Caption: describe a box, or ask about regions.")
+    p = _Parser(description="Click4Caption: describe a box, or ask about regions.")
     p.add_argument("--cfg-path", default=None, help=f"eval config (default: the shipped shapes model, {default_config_path()})")
     p.add_argument("--gpu-id", type=int, default=None, help="GPU index (upstream); with CUDA the default is 0")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -114,23 +128,33 @@ def run_batch(captioner: Captioner, in_path: str, out_path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    seed_everything(args.seed)
     cfg = load_config(args.cfg_path or default_config_path(), args.options)
+    # check the cheap things before the slow imports and the model load
+    if args.batch_file is not None:
+        if not Path(args.batch_file).is_file():
+            raise InputError(f"batch file not found: {args.batch_file}")
+        if not Path(args.output_file).resolve().parent.is_dir():
+            raise InputError(f"cannot write --output_file {args.output_file}: its folder does not exist")
+    else:
+        if args.save_vis and not Path(args.save_vis).resolve().parent.is_dir():
+            raise InputError(f"cannot write --save_vis {args.save_vis}: its folder does not exist")
+        check_question(args.input_text, 1)
+        image = load_image(args.image_path)
+        box, box_warnings = normalize_box([args.tl_x, args.tl_y, args.br_x, args.br_y], image.width, image.height)
+        for warning in box_warnings:
+            logger.warning(warning)
+
+    from click4caption.captioner import Captioner, GenerationSettings, Region
+
+    seed_everything(args.seed)
     device = pick_device(args.device, args.gpu_id)
     settings = GenerationSettings(num_beams=args.num_beams, temperature=args.temperature, do_sample=args.do_sample,
                                   max_new_tokens=args.max_new_tokens)
-    if args.image_path is not None and args.batch_file is None:
-        # check the cheap things before loading a model
-        from click4caption.captioner import check_question
-        from click4caption.images import load_image
-
-        check_question(args.input_text, 1)
-        image = load_image(args.image_path)
-        region = Captioner.region(image, [args.tl_x, args.tl_y, args.br_x, args.br_y])
     captioner = Captioner.from_config(cfg, device=device, settings=settings)
     if args.batch_file is not None:
         failed = run_batch(captioner, args.batch_file, args.output_file)
         return 1 if failed else 0
+    region = Region(image, box, box_warnings)
     answer = captioner.ask([region], args.input_text)
     if args.save_vis:
         draw_box(image, region.box, args.save_vis)

@@ -15,11 +15,12 @@ from PIL import Image
 from click4caption.boxes import Box, normalize_box, to_model_pixels
 from click4caption.config import Config
 from click4caption.conversation import (
-    DESCRIBE_PROMPT, IMG_TOKEN, MAX_CONTEXT_TOKENS, MAX_NEW_TOKENS, TOP_P, Chat, Conversation, vicuna_v0,
+    DESCRIBE_PROMPT, MAX_CONTEXT_TOKENS, MAX_NEW_TOKENS, TOP_P, Chat, Conversation, vicuna_v0,
 )
 from click4caption.errors import InputError
 from click4caption.images import load_image
 from click4caption.processors import Blip2ImageEvalProcessor, build_processor
+from click4caption.prompts import check_question
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +49,6 @@ class Region:
     image: Image.Image
     box: Box
     warnings: list[str] = field(default_factory=list)
-
-
-def check_question(question: str, num_regions: int) -> str:
-    """Non-empty, with exactly one ``[IMG]`` per region.
-
-    Raises:
-        InputError: otherwise.
-    """
-    if not isinstance(question, str) or not question.strip():
-        raise InputError("the question is empty")
-    count = question.count(IMG_TOKEN)
-    if count != num_regions:
-        raise InputError(f"the question has {count} {IMG_TOKEN} placeholder(s) but {num_regions} box(es) "
-                         f"were given; use one {IMG_TOKEN} per box, e.g. 'image{IMG_TOKEN} What is it?'")
-    return question
 
 
 class Captioner:

@@ -73,8 +73,10 @@ def summarize_keys(keys: Iterable[str], limit: int = 40) -> str:
     parts = []
     for pattern, nums in groups.items():
         nums = sorted(set(nums))
-        label = str(nums[0]) if len(nums) == 1 else (
-            f"{nums[0]}..{nums[-1]}" if nums == list(range(nums[0], nums[-1] + 1)) else ",".join(map(str, nums)))
+        if len(nums) == 1:  # a single key keeps its literal name
+            parts.append(pattern.replace("{}", str(nums[0])))
+            continue
+        label = f"{nums[0]}..{nums[-1]}" if nums == list(range(nums[0], nums[-1] + 1)) else ",".join(map(str, nums))
         parts.append(pattern.replace("{}", "{" + label + "}"))
     parts.extend(loose)
     parts.sort()
@@ -160,16 +162,41 @@ def match_to_model(
     return keep, report
 
 
+def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a ``Path`` if it is a file.
+
+    Raises:
+        CheckpointError: naming the file, what it is for and where to get it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{what} not found: {path} (download it and put it there; see cached_model/README.md)")
+    return path
+
+
+def required_keys_check(model_shapes: Mapping[str, object], covered: Iterable[str],
+                        skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Every model tensor (except those under ``skip_prefixes``) must come from some file.
+
+    Raises:
+        CheckpointError: naming the tensors that no checkpoint provided.
+    """
+    covered = set(covered)
+    missing = sorted(k for k in model_shapes if k not in covered and not k.startswith(skip_prefixes))
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} model tensors are in no checkpoint: {summarize_keys(missing, limit=8)} "
+            f"(set model.ckpt to a trained Click4Caption checkpoint)")
+
+
 def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     """Read a ``.pth`` (``weights_only=True``) or ``.safetensors`` file and unwrap it.
 
     Raises:
         CheckpointError: naming the file and what it is for when missing or unreadable.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"{what} not found: {path} (download it and put it there; see cached_model/README.md)")
+    path = require_file(path, what)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

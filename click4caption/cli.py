@@ -7,12 +7,15 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from click4caption.errors import Click4CaptionError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and numpy are imported inside the functions that need them: the apps check their
+# arguments (files, boxes, questions) first and report mistakes without the slow imports.
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # the shipped shapes model, used when no --cfg-path is given
@@ -24,13 +27,16 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("click4caption").setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
+    if "transformers" not in sys.modules:
+        # read by transformers / huggingface_hub when they are imported (importing them
+        # here would slow down every early error message)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def default_config_path() -> str:
@@ -45,6 +51,8 @@ def pick_device(device: str | None, gpu_id: int | None = None) -> torch.device:
     Raises:
         Click4CaptionError: CUDA asked for but not available.
     """
+    import torch
+
     if device is None:
         if torch.cuda.is_available():
             return torch.device(f"cuda:{gpu_id or 0}")
@@ -61,6 +69,9 @@ def pick_device(device: str | None, gpu_id: int | None = None) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
-from threading import Thread
+from threading import Event, Thread
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -18,15 +18,13 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from click4caption.errors import InputError
+from click4caption.prompts import DESCRIBE_PROMPT, DESCRIBE_QUESTION, IMG_TOKEN  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from click4caption.models.click4caption import Click4Caption
 
 logger = logging.getLogger(__name__)
 
-IMG_TOKEN = "[IMG]"
-DESCRIBE_QUESTION = "Tell me what it is and write a description for it."
-DESCRIBE_PROMPT = "image" + IMG_TOKEN + " " + DESCRIBE_QUESTION
 # generation defaults (upstream Chat.answer); greedy by default here so results repeat
 MAX_NEW_TOKENS = 300
 MAX_CONTEXT_TOKENS = 2000
@@ -92,6 +90,16 @@ class StopOnText(StoppingCriteria):
         new = input_ids[:, self.prompt_len:][:, -self.window:]
         done = [self.stop in self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class StopOnEvent(StoppingCriteria):
+    """Stops every sequence once ``event`` is set (a closed stream, a cancelled request)."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _image_key(tensor: torch.Tensor) -> str:
@@ -196,6 +204,16 @@ class Chat:
             embs.append(self.model.embed_tokens(ids))
         return torch.cat(embs, dim=1)
 
+    def context_length(self, conv: Conversation, img_list: Sequence[torch.Tensor]) -> int:
+        """Tokens the next answer's prompt would take (with the open assistant turn).
+
+        Raises:
+            InputError: the number of ``[IMG]`` differs from the number of regions.
+        """
+        probe = conv.copy()
+        probe.append_message(probe.roles[1], None)
+        return int(self.get_context_emb(probe, img_list).shape[1])
+
     def _generation_inputs(self, conv: Conversation, img_list: Sequence[torch.Tensor], max_new_tokens: int,
                            num_beams: int, temperature: float, do_sample: bool | None, top_p: float,
                            max_length: int, min_length: int = 1, repetition_penalty: float = 1.0,
@@ -263,6 +281,8 @@ class Chat:
         kwargs = self._generation_inputs(conv, img_list, max_new_tokens, 1, temperature, None, top_p, max_length)
         streamer = TextIteratorStreamer(self.model.llama_tokenizer, skip_special_tokens=True, timeout=600)
         kwargs["streamer"] = streamer
+        stop = Event()
+        kwargs["stopping_criteria"].append(StopOnEvent(stop))
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -276,9 +296,15 @@ class Chat:
         thread = Thread(target=run, daemon=True)
         thread.start()
         text = ""
-        for piece in streamer:
-            text += piece
-            yield extract_reply(text)
+        try:
+            for piece in streamer:
+                text += piece
+                yield extract_reply(text)
+        except GeneratorExit:  # the reader went away: stop generating, free the model
+            stop.set()
+            thread.join()
+            conv.messages[-1][1] = extract_reply(text)
+            raise
         thread.join()
         if errors:
             conv.messages[-1][1] = extract_reply(text) or ""

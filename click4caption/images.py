@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +53,15 @@ def load_image(path: str | Path) -> Image.Image:
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"image too large: {path} is {img.width}x{img.height} pixels "
-                                 f"(limit {MAX_IMAGE_PIXELS:,})")
-            img.load()
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            # the size is checked below, with a one-line error instead of PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise InputError(f"image too large: {path} is {img.width}x{img.height} pixels "
+                                     f"(limit {MAX_IMAGE_PIXELS:,})")
+                img.load()
+                return to_rgb(img)
     except InputError:
         raise
     except Image.DecompressionBombError:

@@ -60,9 +60,9 @@ def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
     """Trainer checkpoint -> shipped files: the LLM as a transformers folder (weights
     included) and the other parts as ``{'model': state_dict}``."""
     from click4caption.models.builder import build_model
-    from click4caption.training.checkpointing import load_checkpoint_file
+    from click4caption.training.checkpointing import load_checkpoint
 
-    state = load_checkpoint_file(checkpoint)["model"]
+    state = load_checkpoint(checkpoint)["model"]
     model = build_model(cfg.model, device="cpu", for_training=True)
     result = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
