@@ -45,6 +45,9 @@ IGNORED: tuple[tuple[str, str], ...] = (
     (r"\.rotary_emb\.inv_freq$", "deterministic RoPE buffer (recomputed by transformers)"),
 )
 
+# where the shipped shapes model lives (built by ``make shapes-model``, never downloaded)
+SHIPPED_MODEL_DIR = "models/shapes"
+
 _COMPILED_MAP = [(re.compile(p), r) for p, r in KEY_MAP]
 _COMPILED_IGNORED = [(re.compile(p), why) for p, why in IGNORED]
 
@@ -170,8 +173,11 @@ def require_file(path: str | Path, what: str) -> Path:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"{what} not found: {path} (download it and put it there; see cached_model/README.md)")
+        if SHIPPED_MODEL_DIR in path.as_posix():
+            hint = "the shipped shapes model is rebuilt with `make shapes-model`"
+        else:
+            hint = "download it and put it there; see cached_model/README.md"
+        raise CheckpointError(f"{what} not found: {path} ({hint})")
     return path
 
 

@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from click4caption.boxes import Box
+from click4caption.cli import PROJECT_ROOT
 from click4caption.errors import Click4CaptionError, InputError
+from click4caption.prompts import IMG_TOKEN
 
 if TYPE_CHECKING:  # gradio and torch are imported lazily: the pure helpers need neither
     import gradio as gr
@@ -49,8 +51,6 @@ if TYPE_CHECKING:  # gradio and torch are imported lazily: the pure helpers need
 
 logger = logging.getLogger(__name__)
 
-IMG_TOKEN = "[IMG]"  # same as click4caption.conversation.IMG_TOKEN (kept import-light)
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = PROJECT_ROOT / "assets" / "examples"
 EXAMPLE_SEED = 2024
 NUM_EXAMPLES = 5

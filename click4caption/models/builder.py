@@ -17,6 +17,7 @@ from click4caption.checkpoint import (
     LoadReport, convert_upstream_state_dict, convert_vit_state_dict, log_report, match_to_model,
     read_state_dict, require_file, required_keys_check, resize_pos_embed, summarize_keys,
 )
+from click4caption.cli import PROJECT_ROOT
 from click4caption.config import ModelConfig
 from click4caption.errors import CheckpointError, ConfigError
 from click4caption.models.click4caption import Click4Caption
@@ -27,7 +28,6 @@ from click4caption.models.vision import ViTVariant, VisionEncoder
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_path(path: str | None) -> str | None:

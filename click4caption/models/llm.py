@@ -59,10 +59,12 @@ def load_llm(
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"LLM folder not found or incomplete: {folder} (needs config.json; put the Vicuna "
-            f"weights there, see cached_model/README.md)"
-        )
+        from click4caption.checkpoint import SHIPPED_MODEL_DIR
+
+        hint = ("the shipped shapes model is rebuilt with `make shapes-model`"
+                if SHIPPED_MODEL_DIR in folder.as_posix()
+                else "put the Vicuna weights there, see cached_model/README.md")
+        raise CheckpointError(f"LLM folder not found or incomplete: {folder} (needs config.json; {hint})")
     tokenizer = load_tokenizer(str(folder))
     if from_scratch:
         config = AutoConfig.from_pretrained(str(folder))

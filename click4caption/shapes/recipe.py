@@ -43,6 +43,9 @@ DATA_SEED = 0
 # images per part; the instruction records hold TURNS questions about one image each
 NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 6000}
 TURNS = 4
+# Yes/No couples per pair kind and image: pair questions are hard for a small LLM, so
+# they get more than their natural share
+PAIR_COUPLES = 3
 # the shapes LLM (trained from scratch with the rest)
 LLM_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512)
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.time()
     if not (data / "region_instruct" / "instruct.json").exists():
-        summary = write_shapes_dataset(data, NUM_IMAGES, seed=DATA_SEED, turns_per_record=TURNS)
+        summary = write_shapes_dataset(data, NUM_IMAGES, seed=DATA_SEED, turns_per_record=TURNS,
+                                       pair_couples=PAIR_COUPLES)
         logger.info("training data: %s", summary)
     timings["data_s"] = time.time() - t
     write_llm_folder(model_dir / "llm")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from click4caption.prompts import DESCRIBE_QUESTION, IMG_TOKEN
+
 # ----------------------------------------------------------------------------- constants
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -45,10 +47,10 @@ STAR_INNER_RATIO = 0.4  # inner / outer radius of the 5-pointed star
 QUESTION_COLOR = "What color is it?"
 QUESTION_SHAPE = "What shape is it?"
 QUESTION_SIZE = "Is it large or small?"
-QUESTION_DESCRIBE = "Tell me what it is and write a description for it."
+QUESTION_DESCRIBE = DESCRIBE_QUESTION  # the demo's Describe question
 QUESTION_SAME_COLOR = "Are they the same color?"
 QUESTION_SAME_SHAPE = "Are they the same shape?"
-IMG_PLACEHOLDER = "[IMG]"
+IMG_PLACEHOLDER = IMG_TOKEN
 
 #: Question kind -> question text, for one box and for two boxes.
 SINGLE_QUESTIONS: dict[str, str] = {
