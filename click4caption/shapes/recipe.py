@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -107,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
 
     t = time.time()
-    if not (data / "region_instruct" / "instruct.json").exists():
+    params = {"num_images": NUM_IMAGES, "seed": DATA_SEED, "turns": TURNS, "pair_couples": PAIR_COUPLES}
+    stamp = data / "recipe_params.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != params:
+        if data.exists():  # data of another recipe version: draw it again
+            logger.info("regenerating %s (its parameters differ from this recipe's)", data)
+            shutil.rmtree(data)
         summary = write_shapes_dataset(data, NUM_IMAGES, seed=DATA_SEED, turns_per_record=TURNS,
                                        pair_couples=PAIR_COUPLES)
+        stamp.write_text(json.dumps(params))
         logger.info("training data: %s", summary)
     timings["data_s"] = time.time() - t
     write_llm_folder(model_dir / "llm")
