@@ -211,7 +211,7 @@ class Click4Caption(nn.Module):
         finally:
             self._attn_maps = None
         soft = self.llama_proj(out[:, : self.num_query_token].to(self.llama_proj.weight.dtype))
-        return soft.to(self.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=self.device)).dtype)
+        return soft.to(self.llama_model.get_input_embeddings().weight.dtype)
 
     def encode_img_with_bbox(
         self, image: torch.Tensor, boxes: torch.Tensor, image_embeds: torch.Tensor | None = None
