@@ -46,7 +46,7 @@ NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 6000}
 TURNS = 4
 # Yes/No couples per pair kind and image: pair questions are hard for a small LLM, so
 # they get more than their natural share
-PAIR_COUPLES = 1
+PAIR_COUPLES = 3
 # the shapes LLM (trained from scratch with the rest)
 LLM_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512)
