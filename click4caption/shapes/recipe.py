@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = evaluate_shapes(captioner, DEFAULT_EVAL_SEED, args.eval_scenes, eval_dir)
     timings["eval_s"] = time.time() - t
     table = format_table(scores)
-    print(table)
+    logger.info("shapes model scores:\n%s", table)
     report = {
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "iterations": cfg.run.max_epoch * cfg.run.iters_per_epoch,
