@@ -114,7 +114,7 @@ class Captioner:
             img_list: list[torch.Tensor] | None = None, settings: GenerationSettings | None = None) -> str:
         """One question about ``regions`` (one ``[IMG]`` each, in order)."""
         check_question(question, len(regions))
-        conv = conv if conv is not None else vicuna_v0()
+        conv = conv if conv is not None else self.chat.new_conversation()
         img_list = img_list if img_list is not None else []
         img_list.extend(self.encode_regions(regions))
         self.chat.ask(question, conv)
@@ -132,7 +132,7 @@ class Captioner:
         """The Describe question for each region, each in its own conversation."""
         captions = []
         for soft in self.encode_regions(regions):
-            conv = vicuna_v0()
+            conv = self.chat.new_conversation()
             self.chat.ask(DESCRIBE_PROMPT, conv)
             reply, _ = self.chat.answer(conv, [soft], **(settings or self.settings).kwargs())
             captions.append(reply)

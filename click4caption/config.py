@@ -8,9 +8,9 @@ so a mistyped or unknown key is an error that names it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,6 +18,20 @@ from omegaconf.errors import OmegaConfBaseException
 from click4caption.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+def upstream_only(default: Any, why: str) -> Any:
+    """A key upstream YAML files hold and nothing here reads: accepted, and reported once
+    (by name, with ``why``) when a file sets it."""
+    return field(default=default, metadata={"unused": why})
+
+
+def one_of(default: Any, choices: tuple[Any, ...], why: str) -> Any:
+    """A key upstream read, of which only ``choices`` are supported here."""
+    metadata = {"choices": choices, "why": why}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -49,7 +63,8 @@ class ModelConfig:
     """The ``model:`` section. Names follow upstream's ``Click4Caption.from_config``."""
 
     arch: str = "click4caption"
-    model_type: str = "pretrain_vicuna"
+    model_type: str = one_of("pretrain_vicuna", ("pretrain_vicuna",),
+                             "upstream's only model type (its defaults are the ones written here)")
     # vision encoder
     vit_model: str = "eva_clip_g"
     vit: Optional[ViTSize] = None
@@ -80,7 +95,8 @@ class ModelConfig:
     # the trained model
     ckpt: Optional[str] = None
     # text
-    prompt: str = ""
+    prompt: str = upstream_only("", "upstream's model reads no 'prompt' key; training prompts come from "
+                                    "prompt_path and prompt_template")
     prompt_path: str = ""
     prompt_template: str = ""
     max_txt_len: int = 32
@@ -118,7 +134,7 @@ class BuildInfo:
 class DatasetConfig:
     """One entry of the ``datasets:`` section."""
 
-    data_type: str = "images"
+    data_type: str = upstream_only("images", "the datasets read their files from build_info.storage, as upstream")
     build_info: BuildInfo = field(default_factory=BuildInfo)
     vis_processor: ProcessorSplits = field(default_factory=ProcessorSplits)
     text_processor: ProcessorSplits = field(default_factory=ProcessorSplits)
@@ -150,7 +166,7 @@ class RunConfig:
     accum_grad_iters: int = 1
     grad_clip: Optional[float] = None
     batch_size_train: int = 1
-    batch_size_eval: int = 12
+    batch_size_eval: int = upstream_only(12, "there is no evaluation during training (evaluate.py scores models)")
     num_workers: int = 4
     # precision
     amp: bool = True
@@ -162,11 +178,12 @@ class RunConfig:
     save_every_iters: int = 1000
     keep_last_ckpts: int = 2
     log_freq: int = 50
-    evaluate: bool = False
-    train_splits: List[str] = field(default_factory=lambda: ["train"])
+    evaluate: bool = one_of(False, (False,), "evaluation during training is not supported: score checkpoints "
+                                             "with evaluate.py")
+    train_splits: List[str] = one_of(["train"], (["train"],), "the datasets have one split, 'train'")
     # devices
     device: str = "cuda"
-    world_size: int = 1
+    world_size: int = upstream_only(1, "the number of processes comes from torchrun (WORLD_SIZE), as upstream")
     dist_url: str = "env://"
     distributed: bool = True
     # DDP: set when some trainable parameter gets no gradient in a step
@@ -181,27 +198,21 @@ class Config:
     datasets: Dict[str, DatasetConfig]
     run: RunConfig
     path: Optional[str] = None
-
-    # upstream's Config exposes these names
-    @property
-    def model_cfg(self) -> ModelConfig:
-        return self.model
-
-    @property
-    def datasets_cfg(self) -> Dict[str, DatasetConfig]:
-        return self.datasets
-
-    @property
-    def run_cfg(self) -> RunConfig:
-        return self.run
+    #: dotted names of the keys the file and the overrides set (``datasets.vg.num_regions``)
+    given: frozenset = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML-serialisable dict (stored in every checkpoint)."""
-        return {
-            "model": OmegaConf.to_container(OmegaConf.structured(self.model)),
-            "datasets": {k: OmegaConf.to_container(OmegaConf.structured(v)) for k, v in self.datasets.items()},
-            "run": OmegaConf.to_container(OmegaConf.structured(self.run)),
-        }
+        """Plain, YAML-serialisable dict (stored in every checkpoint), without the
+        upstream-only keys nothing reads."""
+
+        def plain(section: Any) -> dict[str, Any]:
+            data = OmegaConf.to_container(OmegaConf.structured(section))
+            for key in _schema_unused(section, ""):
+                data.pop(key, None)
+            return data
+
+        return {"model": plain(self.model), "datasets": {k: plain(v) for k, v in self.datasets.items()},
+                "run": plain(self.run)}
 
 
 _TOP_LEVEL = ("model", "datasets", "run")
@@ -253,7 +264,59 @@ def from_dict(raw: Any, where: str = "config") -> Config:
     for name in datasets_raw.keys():
         datasets[str(name)] = _merge(DatasetConfig, datasets_raw[name], where, f"datasets.{name}")
     run = _merge(RunConfig, raw.get("run"), where, "run")
-    return Config(model=model, datasets=datasets, run=run)
+    given = frozenset(_dotted_keys(raw))
+    _check_choices(model, "model", where)
+    _check_choices(run, "run", where)
+    for name, ds in datasets.items():
+        _check_choices(ds, f"datasets.{name}", where)
+    report_unused(given, _schema_unused(model, "model") | _schema_unused(run, "run")
+                  | {f"datasets.{n}.{k}": why for n, ds in datasets.items() for k, why in _schema_unused(ds, "").items()},
+                  where)
+    return Config(model=model, datasets=datasets, run=run, given=given)
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> Iterable[str]:
+    """Every key path of a nested mapping: ``{"a": {"b": 1}}`` -> ``a``, ``a.b``."""
+    if isinstance(data, (dict, DictConfig)):
+        for key in data.keys():
+            path = f"{prefix}{key}"
+            yield path
+            yield from _dotted_keys(data[key], path + ".")
+
+
+def _schema_unused(obj: Any, section: str) -> dict[str, str]:
+    """``{dotted key: why}`` of the schema's upstream-only fields (see :func:`upstream_only`)."""
+    prefix = f"{section}." if section else ""
+    return {prefix + f.name: f.metadata["unused"] for f in fields(obj) if "unused" in f.metadata}
+
+
+def _check_choices(obj: Any, section: str, where: str) -> None:
+    """Keys declared with :func:`one_of` hold one of their values.
+
+    Raises:
+        ConfigError: naming the key, the value and why.
+    """
+    for f in fields(obj):
+        if "choices" in f.metadata and getattr(obj, f.name) not in f.metadata["choices"]:
+            allowed = " or ".join(repr(c) for c in f.metadata["choices"])
+            raise ConfigError(f"{section}.{f.name} is {getattr(obj, f.name)!r}: only {allowed} is supported "
+                              f"({f.metadata['why']})")
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            _check_choices(value, f"{section}.{f.name}", where)
+
+
+_REPORTED: set[str] = set()
+
+
+def report_unused(given: Iterable[str], unused: Mapping[str, str], where: str) -> None:
+    """Warn once per process about each key in ``unused`` that ``given`` sets: accepted
+    for compatibility with upstream files, not used, and why."""
+    given = set(given)
+    for key, why in sorted(unused.items()):
+        if key in given and key not in _REPORTED:
+            _REPORTED.add(key)
+            logger.warning("%s: %s is accepted for upstream configs but not used: %s", where, key, why)
 
 
 def load_config(path: str | Path, options: Optional[Sequence[str]] = None) -> Config:

@@ -6,7 +6,6 @@ Soft tokens of the i-th uploaded region replace the i-th ``[IMG]``.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -18,7 +17,9 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from click4caption.errors import InputError
-from click4caption.prompts import DESCRIBE_PROMPT, DESCRIBE_QUESTION, IMG_TOKEN  # noqa: F401 (re-exported)
+from click4caption.prompts import (  # noqa: F401 (re-exported)
+    DESCRIBE_PROMPT, DESCRIBE_QUESTION, IMG_TOKEN, Conversation, extract_reply, vicuna_v0,
+)
 
 if TYPE_CHECKING:
     from click4caption.models.click4caption import Click4Caption
@@ -31,48 +32,6 @@ MAX_CONTEXT_TOKENS = 2000
 TOP_P = 0.9
 
 
-@dataclasses.dataclass
-class Conversation:
-    """Conversation history in the Vicuna v0 single-separator style."""
-
-    system: str = ""
-    roles: tuple[str, str] = ("Human", "Assistant")
-    messages: list[list[Any]] = dataclasses.field(default_factory=list)
-    sep: str = "###"
-
-    def get_prompt(self) -> str:
-        ret = self.system + self.sep
-        for role, message in self.messages:
-            if message:
-                ret += " " + role + ": " + message + "\n" + self.sep
-            else:
-                ret += " " + role + ":"
-        return ret
-
-    def append_message(self, role: str, message: str | None) -> None:
-        self.messages.append([role, message])
-
-    def copy(self) -> "Conversation":
-        return Conversation(self.system, self.roles, [list(m) for m in self.messages], self.sep)
-
-    def num_placeholders(self) -> int:
-        return sum((m or "").count(IMG_TOKEN) for _, m in self.messages)
-
-
-def vicuna_v0() -> Conversation:
-    """A fresh, empty conversation with upstream's ``CONV_VISION`` settings."""
-    return Conversation()
-
-
-CONV_VISION = vicuna_v0()
-
-
-def extract_reply(text: str, stop: str = "###") -> str:
-    """Generated text -> reply: the text before the stop sequence, after the last
-    ``Assistant:``, stripped."""
-    return text.split(stop)[0].split("Assistant:")[-1].strip()
-
-
 class StopOnText(StoppingCriteria):
     """Stops each sequence once its newly generated text contains ``stop``.
 
@@ -80,7 +39,7 @@ class StopOnText(StoppingCriteria):
     two-token form): no hard-coded ids.
     """
 
-    def __init__(self, tokenizer: Any, prompt_len: int, stop: str = "###", window: int = 8) -> None:
+    def __init__(self, tokenizer: Any, prompt_len: int, stop: str, window: int = 8) -> None:
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
         self.stop = stop
@@ -129,6 +88,15 @@ class Chat:
     @property
     def image_size(self) -> int:
         return self.model.img_size
+
+    @property
+    def stop(self) -> str:
+        """The stop string of generation: the model's ``end_sym`` (also the turn separator)."""
+        return self.model.end_sym
+
+    def new_conversation(self) -> Conversation:
+        """An empty conversation whose separator is the model's ``end_sym``."""
+        return vicuna_v0(self.stop)
 
     # -------------------------------------------------------------- images
     def preprocess(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -200,7 +168,7 @@ class Chat:
         for i, seg in enumerate(segs):
             if i > 0:
                 embs.append(img_list[i - 1].reshape(1, -1, img_list[i - 1].shape[-1]))
-            ids = tok(seg, return_tensors="pt", add_special_tokens=i == 0).input_ids.to(self.device)
+            ids = torch.as_tensor([tok.encode(seg, add_bos=i == 0)], dtype=torch.long, device=self.device)
             embs.append(self.model.embed_tokens(ids))
         return torch.cat(embs, dim=1)
 
@@ -240,7 +208,7 @@ class Chat:
             repetition_penalty=repetition_penalty,
             length_penalty=length_penalty,
             do_sample=do_sample,
-            stopping_criteria=StoppingCriteriaList([StopOnText(self.model.llama_tokenizer, 0)]),
+            stopping_criteria=StoppingCriteriaList([StopOnText(self.model.llama_tokenizer, 0, self.stop)]),
             pad_token_id=self.model.llama_tokenizer.pad_token_id,
             eos_token_id=self.model.llama_tokenizer.eos_token_id,
         )
@@ -265,7 +233,7 @@ class Chat:
         out = self.model.llama_model.generate(**kwargs)
         tokens = out[0]
         text = self.model.llama_tokenizer.decode(tokens, skip_special_tokens=True)
-        reply = extract_reply(text)
+        reply = extract_reply(text, self.stop)
         conv.messages[-1][1] = reply
         return reply, tokens.cpu().numpy()
 
@@ -299,16 +267,16 @@ class Chat:
         try:
             for piece in streamer:
                 text += piece
-                yield extract_reply(text)
+                yield extract_reply(text, self.stop)
         except GeneratorExit:  # the reader went away: stop generating, free the model
             stop.set()
             thread.join()
-            conv.messages[-1][1] = extract_reply(text)
+            conv.messages[-1][1] = extract_reply(text, self.stop)
             raise
         thread.join()
         if errors:
-            conv.messages[-1][1] = extract_reply(text) or ""
+            conv.messages[-1][1] = extract_reply(text, self.stop) or ""
             raise errors[0]
-        reply = extract_reply(text)
+        reply = extract_reply(text, self.stop)
         conv.messages[-1][1] = reply
         yield reply

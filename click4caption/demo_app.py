@@ -516,7 +516,7 @@ def build_app(model: DemoModel, examples: Sequence[ExampleScene] | None = None,
     import gradio as gr
 
     from click4caption.captioner import Captioner
-    from click4caption.conversation import DESCRIBE_PROMPT, vicuna_v0
+    from click4caption.conversation import DESCRIBE_PROMPT
     from click4caption.images import load_image
 
     examples = list(load_example_scenes() if examples is None else examples)
@@ -620,7 +620,7 @@ def build_app(model: DemoModel, examples: Sequence[ExampleScene] | None = None,
                          settings: Any) -> Iterator[tuple[list[dict[str, Any]], bool]]:
         """Yield ``(chat messages, finished)`` while the reply grows; the session adopts
         the new conversation only when the reply is complete."""
-        conv = session.conv if session.conv is not None else vicuna_v0()
+        conv = session.conv if session.conv is not None else model.captioner.chat.new_conversation()
         base = session.messages + shown
         yield base + [{"role": "assistant", "content": ""}], False
         turn = None

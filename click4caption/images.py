@@ -1,4 +1,14 @@
-"""Reading user images safely: any mode to RGB, clear errors, huge images bounded."""
+"""Reading images safely: any mode to RGB, clear errors, huge images bounded.
+
+Orientation, two conventions:
+
+- a user's own picture (CLI, demo, batch files) is the picture as viewers show it: the
+  EXIF orientation tag is applied, and the user's box is in that picture's pixels, which
+  are also the pixels the model sees (``exif_transpose=True``, the default);
+- dataset images (Visual Genome, TextOCR, LAION, region instructions, benchmark
+  annotations) are read as stored, ignoring the tag, as upstream did: their boxes were
+  drawn on the stored pixels (``exif_transpose=False``).
+"""
 from __future__ import annotations
 
 import logging
@@ -17,13 +27,15 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 250_000_000
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, exif_transpose: bool = True) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Alpha is composited on white; 16-bit and float
-    grayscale are rescaled to 0..255; EXIF orientation is applied."""
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # broken EXIF must not stop us
-        pass
+    grayscale are rescaled to 0..255; the EXIF orientation is applied when
+    ``exif_transpose`` (see the module docstring)."""
+    if exif_transpose:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # broken EXIF must not stop us
+            pass
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -39,8 +51,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open ``path`` as 8-bit RGB.
+def load_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
+    """Open ``path`` as 8-bit RGB, turned by its EXIF orientation tag when
+    ``exif_transpose`` (a user's picture) or as stored (dataset images).
 
     Raises:
         InputError: missing file, not an image, corrupt, or over ``MAX_IMAGE_PIXELS``.
@@ -61,7 +74,7 @@ def load_image(path: str | Path) -> Image.Image:
                     raise InputError(f"image too large: {path} is {img.width}x{img.height} pixels "
                                      f"(limit {MAX_IMAGE_PIXELS:,})")
                 img.load()
-                return to_rgb(img)
+                return to_rgb(img, exif_transpose)
     except InputError:
         raise
     except Image.DecompressionBombError:

@@ -17,22 +17,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def find_manifests() -> Path | None:
-    """``shared/checkpoint_manifests``: beside the checkout (CI, the project's machines) or inside it."""
-    for base in (REPO_ROOT.parent, REPO_ROOT):
-        folder = base / "shared" / "checkpoint_manifests"
-        if folder.is_dir():
-            return folder
-    return None
+#: key name -> shape of every upstream checkpoint, regenerated from the original code (see the README there)
+MANIFESTS_DIR = REPO_ROOT / "tests" / "checkpoint_manifests"
 
 
 @pytest.fixture(scope="session")
 def manifests_dir() -> Path:
     """The folder of the upstream checkpoint manifests (key name -> shape JSON files)."""
-    folder = find_manifests()
-    if folder is None:
-        pytest.skip("shared/checkpoint_manifests not found beside or inside the checkout")
-    return folder
+    assert MANIFESTS_DIR.is_dir(), f"{MANIFESTS_DIR} is part of the repository"
+    return MANIFESTS_DIR
 
 
 @pytest.fixture(scope="session")

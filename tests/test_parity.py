@@ -291,12 +291,37 @@ class Variant:
     delete_cls: bool
     add_pe: bool
     blocks: list[int] | None
+    sentencepiece: bool = True  # a LLaMA tokenizer.model (Vicuna's kind) or a word-level tokenizer.json
 
 
 VARIANTS = [
     Variant("release", delete_cls=True, add_pe=True, blocks=[0, 2]),  # as eval_configs/click4caption_eval.yaml
+    Variant("release_wordlevel_tokenizer", delete_cls=True, add_pe=True, blocks=[0, 2], sentencepiece=False),
     Variant("cls_kept_last_block", delete_cls=False, add_pe=True, blocks=None),
 ]
+
+
+class SentencePieceReference:
+    """Upstream's tokenizer (transformers 4.28's slow ``LlamaTokenizer``, then ``[PAD]``
+    added) on text without special tokens, written with sentencepiece alone: every text is
+    ``sp.encode(text)`` (dummy prefix included), BOS prepended on request; decoding is
+    ``sp.decode`` of the non-special ids. Shares nothing with the project's tokenizer."""
+
+    def __init__(self, folder: Path) -> None:
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_token_id = json.loads((folder / "added_tokens.json").read_text())["[PAD]"]
+        self.special = {self.bos_token_id, self.eos_token_id, self.sp.unk_id(), self.pad_token_id}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=([self.bos_token_id] if add_special_tokens else []) + self.sp.encode(text))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.sp.decode([int(i) for i in ids if int(i) not in self.special])
 
 
 def random_upstream_weights(seed: int, llm_layers: int, llm_dim: int, llm_head_dim: int
@@ -341,7 +366,8 @@ def upstream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
     variant: Variant = request.param
     root = tmp_path_factory.mktemp(f"upstream_{variant.name}")
-    llm_dir = write_tiny_llm(root / "llm", seed=3)
+    llm_dir = write_tiny_llm(root / "llm", seed=3, sentencepiece=variant.sentencepiece)
+    tok = SentencePieceReference(llm_dir) if variant.sentencepiece else AutoTokenizer.from_pretrained(llm_dir)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
     # larger weights than the HF init (std 0.02), so that the next token depends on the
     # whole context (soft tokens, BOS placement) and '###' gets generated now and then
@@ -351,8 +377,8 @@ def upstream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             if p.dim() == 2:
                 p.copy_(0.4 * torch.randn(p.shape, generator=gen))
         for piece in ("###", " ###"):  # make the stop sequence a likely next token
-            for i in AutoTokenizer.from_pretrained(llm_dir)(piece, add_special_tokens=False).input_ids:
-                llm.lm_head.weight[i] *= 1.5
+            for i in tok(piece, add_special_tokens=False).input_ids:
+                llm.lm_head.weight[i] *= 1.1 if variant.sentencepiece else 1.5
     llm.save_pretrained(llm_dir)
     cfg = llm.config
     vit, sd = random_upstream_weights(7, cfg.num_hidden_layers, cfg.hidden_size,
@@ -381,7 +407,6 @@ def upstream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     (root / "eval.yaml").write_text(yaml.safe_dump(doc))
     torch.manual_seed(12345)  # a different Gaussian matrix would be drawn at init: it must not survive
     model = build_model(load_config(root / "eval.yaml").model, device="cpu").eval()
-    tok = AutoTokenizer.from_pretrained(llm_dir)
     return Upstream(variant, vit, sd, model, llm, tok)
 
 

@@ -345,7 +345,7 @@ class RegionCaptionSource(MapSource):
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         """Item: ``image`` ``3xSxS``, ``captions`` (R strings), ``bbox`` ``Rx2x2`` (model pixels)."""
         try:
-            image = load_image(self.image_paths[index])
+            image = load_image(self.image_paths[index], exif_transpose=False)
         except InputError as err:
             raise SkipSample("unreadable_image", str(err)) from None
         img_w, img_h = image.size

@@ -24,6 +24,8 @@ class DatasetBuilder:
     default_name: str = ""
     #: the recipe's image transform for this data
     default_vis_processor: str = "blip2_image_eval"
+    #: keys of ``datasets.<name>`` this data does not read, and why (reported when set)
+    unused_keys: dict[str, str] = {}
 
     def __init__(self, config: DatasetConfig | None = None, name: str | None = None) -> None:
         self.config = config if config is not None else DatasetConfig()
@@ -54,6 +56,8 @@ class VisualGenomeBuilder(DatasetBuilder):
     """``vg``: Visual Genome v1.2 region descriptions."""
 
     default_name = "vg"
+    unused_keys = {"text_processor": "phrases are capitalised and end with '.', upstream's VG rule",
+                   "shuffle_buffer": "a LAION setting"}
 
     def _build_fn(self) -> Callable[..., BatchSource]:
         from click4caption.data.vg import build_visual_genome
@@ -64,6 +68,7 @@ class TextOCRBuilder(DatasetBuilder):
     """``textocr``: TextOCR 0.1 words."""
 
     default_name = "textocr"
+    unused_keys = {"text_processor": "words are used as written, as upstream", "shuffle_buffer": "a LAION setting"}
 
     def _build_fn(self) -> Callable[..., BatchSource]:
         from click4caption.data.textocr import build_textocr
@@ -75,6 +80,7 @@ class LaionBuilder(DatasetBuilder):
 
     default_name = "laion"
     default_vis_processor = "blip2_image_train"
+    unused_keys = {"num_regions": "LAION images are captioned whole (one near-full box each)"}
 
     def _build_fn(self) -> Callable[..., BatchSource]:
         from click4caption.data.laion import build_laion
@@ -85,6 +91,8 @@ class RegionInstructBuilder(DatasetBuilder):
     """``region_instruct``: LLaVA-style conversations about boxed regions."""
 
     default_name = "region_instruct"
+    unused_keys = {"text_processor": "conversations are used as written", "num_regions": "each record has its own boxes",
+                   "shuffle_buffer": "a LAION setting"}
 
     def _build_fn(self) -> Callable[..., BatchSource]:
         from click4caption.data.region_instruct import build_region_instruct

@@ -200,7 +200,7 @@ class LaionDataset(BatchSource):
         try:
             with Image.open(io.BytesIO(_read(path, index.image[i]))) as img:
                 img.load()
-                image = to_rgb(img)
+                image = to_rgb(img, exif_transpose=False)
         except SkipSample:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from click4caption.config import Config
+from click4caption.config import Config, report_unused
 from click4caption.data.base import META_KEYS, BatchPosition, BatchSource
 from click4caption.errors import ConfigError
 
@@ -119,4 +119,6 @@ def build_sources(cfg: Config, image_size: int) -> list[BatchSource]:
         if batch_size < 1:
             raise ConfigError(f"datasets.{name}: batch size must be >= 1, got {batch_size}")
         sources.append(builder.build(batch_size=batch_size, image_size=image_size))
+        report_unused(cfg.given, {f"datasets.{name}.{k}": why for k, why in builder.unused_keys.items()},
+                      cfg.path or "config")
     return sources

@@ -111,7 +111,7 @@ class RegionInstructDataset(MapSource):
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         """Item: ``image`` ``3xSxS``, ``bbox`` ``Kx2x2`` (model pixels), ``conversations``."""
         try:
-            image = load_image(Path(self.root) / self.images[index])
+            image = load_image(Path(self.root) / self.images[index], exif_transpose=False)
         except InputError as err:
             raise SkipSample("unreadable_image", str(err)) from None
         img_w, img_h = image.size

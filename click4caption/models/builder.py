@@ -25,6 +25,7 @@ from click4caption.models.llm import load_llm, resolve_dtype
 from click4caption.models.prompt_encoder import PromptEncoder
 from click4caption.models.qformer import build_qformer, init_query_tokens
 from click4caption.models.vision import ViTVariant, VisionEncoder
+from click4caption.prompts import load_training_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,17 @@ def build_skeleton(cfg: ModelConfig, llm: nn.Module, tokenizer) -> Click4Caption
                          delete_vit_cls_token=cfg.delete_vit_cls_token, add_img_pe=cfg.add_img_pe,
                          max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym,
                          box_attention_loss_weight=cfg.box_attention_loss_weight,
-                         box_attention_grid=cfg.box_attention_grid)
+                         box_attention_grid=cfg.box_attention_grid, prompt_list=training_prompts(cfg))
+
+
+def training_prompts(cfg: ModelConfig) -> list[str]:
+    """Upstream's training prompts from ``prompt_path`` / ``prompt_template`` (none when unset)."""
+    if not cfg.prompt_path:
+        if cfg.prompt_template:
+            logger.warning("model.prompt_template is set but model.prompt_path is not: no training prompt is "
+                           "used (upstream reads the template only with a prompt file)")
+        return []
+    return load_training_prompts(resolve_path(cfg.prompt_path), cfg.prompt_template)
 
 
 def _apply(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> set[str]:

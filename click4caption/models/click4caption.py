@@ -6,15 +6,18 @@ Public methods keep upstream names and semantics (``encode_img_with_bbox``,
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from click4caption.conversation import IMG_TOKEN, Conversation, vicuna_v0
+from click4caption.errors import InputError
 from click4caption.models.prompt_encoder import PromptEncoder
 from click4caption.models.vision import VisionEncoder
+from click4caption.prompts import IMG_TOKEN, PROMPT_IMAGE_PLACEHOLDER, conversation_pieces
+from click4caption.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,10 @@ class Click4Caption(nn.Module):
         delete_vit_cls_token: drop the CLS token before the Q-Former.
         add_img_pe: add the projected Fourier PE to the image tokens.
         max_txt_len: caption tokens kept in caption-mode training.
-        end_sym: appended to every training caption (``###``).
+        end_sym: ends every training caption and reply, separates conversation turns and
+            stops generation (``###``): one value for training and inference.
+        prompt_list: training prompts (upstream's ``prompt_path`` / ``prompt_template``):
+            when set, each caption-mode batch wraps its soft tokens in one drawn at random.
     """
 
     def __init__(
@@ -45,7 +51,7 @@ class Click4Caption(nn.Module):
         query_tokens: nn.Parameter,
         prompt_encoder: PromptEncoder,
         llama_model: PreTrainedModel,
-        llama_tokenizer: PreTrainedTokenizerBase,
+        llama_tokenizer: TextTokenizer,
         image_size: int = 224,
         delete_vit_cls_token: bool = True,
         add_img_pe: bool = True,
@@ -53,6 +59,7 @@ class Click4Caption(nn.Module):
         end_sym: str = "###",
         box_attention_loss_weight: float = 0.0,
         box_attention_grid: int = 0,
+        prompt_list: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -68,6 +75,7 @@ class Click4Caption(nn.Module):
         self.add_img_pe = add_img_pe
         self.max_txt_len = max_txt_len
         self.end_sym = end_sym
+        self.prompt_list = list(prompt_list)
         self.box_attention_loss_weight = box_attention_loss_weight
         self.box_attention_grid = box_attention_grid
         self._attn_maps: list[torch.Tensor] | None = None
@@ -101,12 +109,14 @@ class Click4Caption(nn.Module):
         return self.llama_model.get_input_embeddings()(ids)
 
     def random_near_full_boxes(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Random near-full boxes ``Bx1x2x2``: top-left in ``[0, 7)``, bottom-right ``S - [0, 7)``."""
-        jitter = torch.rand(batch, 1, 2, 2, generator=generator) * NEAR_FULL_BOX_JITTER
-        boxes = torch.empty(batch, 1, 2, 2)
-        boxes[:, :, 0] = jitter[:, :, 0]
-        boxes[:, :, 1] = self.img_size - jitter[:, :, 1]
-        return boxes.to(self.device)
+        """Random near-full boxes ``Bx1x2x2``: top-left in ``[0, 7)``, bottom-right ``S - [0, 7)``.
+
+        Drawn in upstream's order (all top-left jitters, then all bottom-right ones), so the
+        same seed gives the same boxes.
+        """
+        top_left = NEAR_FULL_BOX_JITTER * torch.rand(batch, 1, 1, 2, generator=generator)
+        bottom_right = self.img_size - NEAR_FULL_BOX_JITTER * torch.rand(batch, 1, 1, 2, generator=generator)
+        return torch.cat([top_left, bottom_right], dim=2).to(self.device)
 
     def _record_attention(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._attn_maps is not None and isinstance(output, tuple) and output[1] is not None:
@@ -230,7 +240,7 @@ class Click4Caption(nn.Module):
             image_embeds = self.encode_image(image)
         bsz, num_regions = boxes.shape[:2]
         if image_embeds.shape[0] != bsz:
-            raise ValueError(f"{image_embeds.shape[0]} images but boxes for {bsz}")
+            raise InputError(f"{image_embeds.shape[0]} images but boxes for {bsz}")
         cross = image_embeds.repeat_interleave(num_regions, dim=0)
         soft = self.encode_regions(cross, boxes.reshape(-1, 2, 2))
         atts = torch.ones(soft.shape[:-1], dtype=torch.long, device=soft.device)
@@ -240,10 +250,12 @@ class Click4Caption(nn.Module):
     def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training loss.
 
-        Caption mode (upstream): ``image`` ``Bx3xSxS``, ``text_input`` (B*R strings,
-        image-major), optional ``bbox`` ``BxRx2x2`` (default: one random near-full box
-        per image). Sequence ``[BOS][Q soft tokens][caption + end_sym]``, loss on the
-        caption tokens only.
+        Caption mode (upstream): ``image`` ``Bx3xSxS``, ``text_input``, optional ``bbox``
+        ``BxRx2x2`` (default: one random near-full box per image). ``text_input`` is
+        either B*R strings, image-major, or upstream's collated layout: R sequences of B
+        captions (region r of every image), transposed as upstream does. Sequence
+        ``[BOS][prompt before][Q soft tokens][prompt after][caption + end_sym]`` (the
+        prompt only with ``prompt_list``), loss on the caption tokens only.
 
         Conversation mode (region instructions): ``image``, ``bbox`` ``BxKx2x2`` padded,
         ``num_boxes`` (B ints) and ``conversations`` (B lists of LLaVA-style turns whose
@@ -258,22 +270,48 @@ class Click4Caption(nn.Module):
         if boxes is None:
             boxes = self.random_near_full_boxes(image.shape[0])
         soft, atts, _ = self.encode_img_with_bbox(image, boxes.to(self.device))
-        texts = [t + self.end_sym for t in samples["text_input"]]
-        if len(texts) != soft.shape[0]:
-            raise ValueError(f"{len(texts)} captions for {soft.shape[0]} regions")
+        texts = caption_rows(samples["text_input"], image.shape[0], boxes.shape[1])
+        if self.prompt_list:
+            soft, atts = self.prompt_wrap(soft, atts, random.choice(self.prompt_list))
         tok = self.llama_tokenizer
-        tok.padding_side = "right"
-        regress = tok(texts, return_tensors="pt", padding="longest", truncation=True,
-                      max_length=self.max_txt_len, add_special_tokens=False).to(self.device)
-        targets = regress.input_ids.masked_fill(regress.input_ids == tok.pad_token_id, -100)
+        ids, text_mask = self.pad_right([tok.encode(t + self.end_sym)[: self.max_txt_len] for t in texts])
+        targets = ids.masked_fill(ids == tok.pad_token_id, -100)
         n = soft.shape[0]
         empty = torch.full((n, soft.shape[1] + 1), -100, dtype=torch.long, device=self.device)
         targets = torch.cat([empty, targets], dim=1)
         bos = torch.full((n, 1), tok.bos_token_id, dtype=torch.long, device=self.device)
-        inputs = torch.cat([self.embed_tokens(bos), soft, self.embed_tokens(regress.input_ids)], dim=1)
-        mask = torch.cat([atts[:, :1], atts, regress.attention_mask], dim=1)
+        inputs = torch.cat([self.embed_tokens(bos), soft, self.embed_tokens(ids)], dim=1)
+        mask = torch.cat([atts[:, :1], atts, text_mask], dim=1)
         out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
         return self._losses(out.loss)
+
+    def pad_right(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token id rows -> ``(ids NxL, attention mask NxL)``, right-padded with the pad id."""
+        width = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), width), self.llama_tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def prompt_wrap(self, soft: torch.Tensor, atts: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's ``prompt_wrap``: ``prompt`` split at ``<ImageHere>``, both parts
+        tokenised without BOS and put around every row's soft tokens.
+
+        Args:
+            soft: ``NxQxE``; atts: ``NxQ``.
+        Returns:
+            ``(NxLxE, NxL)`` with ``L = len(before) + Q + len(after)``.
+        """
+        before, after = prompt.split(PROMPT_IMAGE_PLACEHOLDER)
+        tok = self.llama_tokenizer
+        parts = []
+        for text in (before, after):
+            ids = torch.as_tensor(tok.encode(text), dtype=torch.long, device=self.device)
+            parts.append(self.embed_tokens(ids[None]).expand(soft.shape[0], -1, -1).to(soft.dtype))
+        wrapped = torch.cat([parts[0], soft, parts[1]], dim=1)
+        return wrapped, atts[:, :1].expand(-1, wrapped.shape[1])
 
     def _losses(self, lm_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"loss": total}`` plus the parts when a box-attention loss was added."""
@@ -317,27 +355,18 @@ class Click4Caption(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One LLaVA-style conversation -> (embeddings ``LxE``, labels ``L``).
 
-        Text pieces are tokenised as :class:`~click4caption.conversation.Chat` does at
-        inference (split at ``[IMG]``, BOS on the first piece only); each reply is the
-        tokens of ``reply + "\\n###"`` that follow ``" Assistant:"``.
+        The text is the inference template's (:func:`~click4caption.prompts.conversation_pieces`),
+        tokenised as the chat engine does (split at ``[IMG]``, BOS on the first piece only);
+        each reply ``reply + "\\n" + end_sym`` is a target, everything else -100.
+
+        Raises:
+            InputError: the number of ``[IMG]`` differs from the number of regions.
         """
-        conv = vicuna_v0()
-        pieces: list[tuple[str, bool]] = []  # (text, is_target)
-        prompt = conv.system + conv.sep
-        for turn in turns:
-            role = turn["from"]
-            if role in ("human", "user", conv.roles[0]):
-                prompt += " " + conv.roles[0] + ": " + turn["value"] + "\n" + conv.sep
-            elif role in ("gpt", "assistant", conv.roles[1]):
-                pieces.append((prompt + " " + conv.roles[1] + ":", False))
-                pieces.append((turn["value"] + "\n" + conv.sep, True))
-                prompt = ""
-            else:
-                raise ValueError(f"unknown conversation role '{role}'")
-        n_img = sum(p.count(IMG_TOKEN) for p, tgt in pieces if not tgt)
+        pieces = conversation_pieces(turns, self.end_sym)
+        n_img = sum(text.count(IMG_TOKEN) for text, is_target in pieces if not is_target)
         n_regions = 0 if regions is None else regions.shape[0]
         if n_img != n_regions:
-            raise ValueError(f"{n_img} {IMG_TOKEN} placeholders but {n_regions} regions")
+            raise InputError(f"{n_img} {IMG_TOKEN} placeholders but {n_regions} regions")
         embs: list[torch.Tensor] = []
         labs: list[torch.Tensor] = []
         region_i, first = 0, True
@@ -348,9 +377,34 @@ class Click4Caption(nn.Module):
                     embs.append(regions[region_i])
                     labs.append(torch.full((regions.shape[1],), -100, dtype=torch.long, device=self.device))
                     region_i += 1
-                ids = self.llama_tokenizer(seg, return_tensors="pt", add_special_tokens=first).input_ids[0]
+                ids = torch.as_tensor(self.llama_tokenizer.encode(seg, add_bos=first), dtype=torch.long,
+                                      device=self.device)
                 first = False
-                ids = ids.to(self.device)
                 embs.append(self.embed_tokens(ids[None])[0])
                 labs.append(ids.clone() if is_target else torch.full_like(ids, -100))
         return torch.cat(embs), torch.cat(labs)
+
+
+def caption_rows(text_input: Sequence[Any], batch: int, num_regions: int) -> list[str]:
+    """Captions of a caption-mode batch, one per region, image-major.
+
+    ``text_input`` is ``B*R`` strings (image-major), or upstream's collated layout: ``R``
+    sequences of ``B`` captions (what the default collate makes of per-image lists),
+    transposed with ``zip(*...)`` as upstream does.
+
+    Raises:
+        InputError: the counts do not fit ``B`` images with ``R`` regions each.
+    """
+    items = list(text_input)
+    if items and all(isinstance(t, str) for t in items):
+        texts = items
+    elif items and all(isinstance(t, (list, tuple)) for t in items):
+        if len(items) != num_regions or any(len(t) != batch for t in items):
+            raise InputError(f"text_input holds {len(items)} lists of {[len(t) for t in items]} captions; "
+                             f"upstream's collated layout is {num_regions} lists (regions) of {batch} (images)")
+        texts = [caption for per_image in zip(*items) for caption in per_image]
+    else:
+        raise InputError("text_input must be a list of captions or upstream's collated lists of captions")
+    if len(texts) != batch * num_regions:
+        raise InputError(f"{len(texts)} captions for {batch} image(s) x {num_regions} region(s)")
+    return texts

@@ -6,9 +6,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from click4caption.errors import CheckpointError, ConfigError
+from click4caption.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +26,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The LLM folder's tokenizer, with a pad token (Vicuna v0 ships ``[PAD]``)."""
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as err:
-        raise CheckpointError(f"cannot load the tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    if tok.pad_token is None:
-        if "[PAD]" in tok.get_vocab():
-            tok.pad_token = "[PAD]"
-        else:
-            tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
 def load_llm(
     path: str,
     device: torch.device,
@@ -47,7 +33,7 @@ def load_llm(
     from_scratch: bool = False,
     low_resource: bool = False,
     device_8bit: int = 0,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, TextTokenizer]:
     """Load ``(model, tokenizer)`` from a local folder.
 
     Args:
@@ -65,7 +51,7 @@ def load_llm(
                 if SHIPPED_MODEL_DIR in folder.as_posix()
                 else "put the Vicuna weights there, see cached_model/README.md")
         raise CheckpointError(f"LLM folder not found or incomplete: {folder} (needs config.json; {hint})")
-    tokenizer = load_tokenizer(str(folder))
+    tokenizer = load_tokenizer(folder)
     if from_scratch:
         config = AutoConfig.from_pretrained(str(folder))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
