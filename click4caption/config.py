@@ -332,12 +332,13 @@ def load_config(path: str | Path, options: Optional[Sequence[str]] = None) -> Co
         raw = OmegaConf.load(path)
     except Exception as err:  # yaml.YAMLError and friends
         raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    cfg = from_dict(raw, where=str(path))  # the file alone: its mistakes are named with its path
     if options:
         overrides = parse_options(options)
         try:
             raw = OmegaConf.merge(raw, overrides)
         except (OmegaConfBaseException, TypeError, ValueError) as err:
             raise ConfigError(f"--options: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    cfg = from_dict(raw, where=str(path))
+        cfg = from_dict(raw, where="--options")
     cfg.path = str(path)
     return cfg

@@ -157,6 +157,8 @@ def test_bad_options_are_errors_naming_the_key(opts: list[str], needle: str) -> 
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "eval_configs" / "click4caption_eval.yaml", opts)
     assert needle in str(err.value)
+    # the mistake is the override's, not the file's
+    assert "click4caption_eval.yaml" not in str(err.value) and "--options" in str(err.value)
 
 
 def test_parse_options() -> None:

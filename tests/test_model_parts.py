@@ -18,7 +18,7 @@ from PIL import Image
 from click4caption.boxes import normalize_box, to_model_pixels
 from click4caption.config import QFormerSize
 from click4caption.conversation import Chat, StopOnText, extract_reply, vicuna_v0
-from click4caption.errors import InputError
+from click4caption.errors import ConfigError, InputError
 from click4caption.images import MAX_IMAGE_PIXELS, load_image, to_rgb
 from click4caption.models.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
 from click4caption.models.qformer import build_qformer, init_query_tokens
@@ -35,7 +35,7 @@ def test_vision_encoder_shapes_and_blocks() -> None:
     assert out.shape == (2, 1 + 16, 32)
     assert vit.grid_size == (4, 4) and vit.feature_blocks == [0, 2]
     assert VisionEncoder(ViTVariant(32, 3, 2, 8, 48), 32).feature_blocks == [2]  # default: the last block
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         VisionEncoder(ViTVariant(32, 3, 2, 8, 48), 32, feature_blocks=[3])
 
 
@@ -172,8 +172,13 @@ def test_random_near_full_boxes(tiny_model) -> None:
 def test_caption_loss_trains_only_the_trainable_parts(tiny_files) -> None:
     from click4caption.config import load_config
     from click4caption.models.builder import build_model
+    from click4caption.training.freezing import frozen_parts
 
-    model = build_model(load_config(tiny_files["yaml"]).model, for_training=True)
+    cfg = load_config(tiny_files["yaml"]).model
+    model = build_model(cfg, for_training=True)
+    assert all(p.requires_grad for p in model.parameters())  # the builder composes; training freezes
+    model.freeze(frozen_parts(cfg))  # as the trainer does (freeze_vit, LLM frozen; ln_vision trained with
+    model.train()                    # multi-block features, as upstream)
     assert model.training and not model.visual_encoder.training and not model.llama_model.training
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"ln_vision", "qformer", "query_tokens", "prompt_encoder", "llama_proj"}

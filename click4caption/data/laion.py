@@ -176,16 +176,21 @@ class LaionDataset(BatchSource):
         state["_cache"] = OrderedDict()  # workers build their own
         return state
 
-    def shard_index(self, path: str) -> tuple[ShardIndex, Counter]:
-        """Cached :func:`index_shard`; the counts are reported once per process."""
+    def shard_index(self, path: str) -> ShardIndex:
+        """Cached :func:`index_shard`. What a shard leaves out (incomplete or held-out
+        samples, damage) is logged when the shard is first indexed in a process; those
+        samples are never drawn, so they are not counted as skipped samples of a batch
+        (the counts stay a function of the step, the same after a resume)."""
         if path in self._cache:
             self._cache.move_to_end(path)
-            return self._cache[path][0], Counter()
-        index, skipped = index_shard(path, self.held_out)
-        self._cache[path] = (index, skipped)
+            return self._cache[path][0]
+        index, left_out = index_shard(path, self.held_out)
+        if left_out:
+            logger.debug("%s: shard %s leaves out %s", self.name, path, dict(left_out))
+        self._cache[path] = (index, left_out)
         while len(self._cache) > SHARD_CACHE_SIZE:
             self._cache.popitem(last=False)
-        return index, skipped
+        return index
 
     def load_sample(self, path: str, index: ShardIndex, i: int, rng: np.random.Generator) -> dict[str, Any]:
         """Sample ``i`` of a shard -> ``{"image": 3xSxS, "caption": str}``."""
@@ -217,12 +222,11 @@ class LaionDataset(BatchSource):
                                 f"({dict(skipped)}); check the shards")
             path = self.shards[int(rng.integers(len(self.shards)))]
             try:
-                index, counts = self.shard_index(path)
+                index = self.shard_index(path)
             except SkipSample as err:
                 skipped[err.reason] += 1
                 failures += 1
                 continue
-            skipped.update({k: v for k, v in counts.items() if k != "held_out"})
             if len(index) == 0:
                 skipped["empty_shard"] += 1
                 failures += 1

@@ -1,46 +1,49 @@
-"""Builds a :class:`Click4Caption` from the ``model:`` config and loads its weights.
+"""Builds a :class:`Click4Caption` from the ``model:`` config: compose the parts, load the
+files, place the model.
 
-Component sizes come from a named variant (``vit_model: eva_clip_g``) or from the
-config (``vit_model: custom`` + ``vit:``), so tests, the shipped shapes model and the
-real model share one code path.
+Component sizes come from a named variant (``vit_model: eva_clip_g``) or from the config
+(``vit_model: custom`` + ``vit:``), so tests, the shipped shapes model and the real model
+share one code path. Which file feeds which tensors is data in
+:data:`click4caption.checkpoint.WEIGHT_SOURCES`.
+
+Loading checks before it loads: every file is opened lazily and its key names and shapes
+are matched against the model's (built on the meta device: no memory, no random numbers),
+and the LLM folder's weight headers against its ``config.json``; a wrong shape, a missing
+tensor or an LLM tensor too many is an error naming the key as the file spells it, raised
+before the slow loads. Parts whose weights all come from files are then built on the
+meta device and loaded with ``assign`` (the 1-billion-parameter ViT is never initialised
+at random just to be overwritten).
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import time
+from typing import Callable
 
 import torch
 from torch import nn
 
 from click4caption import registry
 from click4caption.checkpoint import (
-    LoadReport, convert_upstream_state_dict, convert_vit_state_dict, log_report, match_to_model,
-    read_state_dict, require_file, required_keys_check, resize_pos_embed, summarize_keys,
+    KeyPlan, TensorFile, check_plan, missing_keys_error, plan_keys, require_file, state_from_plan, summarize_keys,
+    weight_files,
 )
-from click4caption.cli import PROJECT_ROOT
 from click4caption.config import ModelConfig
 from click4caption.errors import CheckpointError, ConfigError
+from click4caption.models.box_attention import ATTN_IMPLEMENTATION, BoxAttentionAid
 from click4caption.models.click4caption import Click4Caption
-from click4caption.models.llm import load_llm, resolve_dtype
+from click4caption.models.llm import build_llm_skeleton, check_llm_weights, load_llm, read_llm_config, resolve_dtype
 from click4caption.models.prompt_encoder import PromptEncoder
 from click4caption.models.qformer import build_qformer, init_query_tokens
 from click4caption.models.vision import ViTVariant, VisionEncoder
+from click4caption.paths import resolve_path
 from click4caption.prompts import load_training_prompts
+from click4caption.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-
-
-def resolve_path(path: str | None) -> str | None:
-    """A config path as given if it exists (relative to the working directory, as
-    upstream), else relative to the project root when it exists there."""
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return str(p)
-    alt = PROJECT_ROOT / p
-    return str(alt) if alt.exists() else str(p)
+#: the parts built here, by their attribute names in the model (the LLM is loaded apart)
+PARTS = ("visual_encoder", "ln_vision", "qformer", "query_tokens", "prompt_encoder", "llama_proj")
 
 
 def vit_variant(cfg: ModelConfig) -> ViTVariant:
@@ -56,22 +59,41 @@ def vit_variant(cfg: ModelConfig) -> ViTVariant:
     return registry.get("vit_variant", cfg.vit_model)
 
 
-def build_skeleton(cfg: ModelConfig, llm: nn.Module, tokenizer) -> Click4Caption:
-    """All parts with fresh weights around an already built LLM (no files read)."""
+def part_builders(cfg: ModelConfig, llm_width: int) -> dict[str, Callable[[], nn.Module | nn.Parameter]]:
+    """One builder per part: ``{attribute name: () -> built part}``."""
     variant = vit_variant(cfg)
     if cfg.image_size % variant.patch_size:
         raise ConfigError(f"model.image_size {cfg.image_size} is not a multiple of the patch size {variant.patch_size}")
-    visual = VisionEncoder(variant, cfg.image_size, cfg.use_vit_multiblock_feat, cfg.drop_path_rate,
-                           cfg.use_grad_checkpoint)
-    qformer = build_qformer(cfg.qformer, variant.embed_dim,
-                            attn_implementation="eager" if cfg.box_attention_loss_weight > 0 else "sdpa")
-    queries = init_query_tokens(cfg.num_query_token, cfg.qformer.hidden_size)
-    prompt = PromptEncoder(cfg.qformer.hidden_size, variant.embed_dim, cfg.image_size, cfg.add_img_pe)
-    return Click4Caption(visual, qformer, queries, prompt, llm, tokenizer, image_size=cfg.image_size,
+    d = cfg.qformer.hidden_size
+    attn = ATTN_IMPLEMENTATION if cfg.box_attention_loss_weight > 0 else "sdpa"
+    return {
+        "visual_encoder": lambda: VisionEncoder(variant, cfg.image_size, cfg.use_vit_multiblock_feat,
+                                                cfg.drop_path_rate, cfg.use_grad_checkpoint),
+        "ln_vision": lambda: nn.LayerNorm(variant.embed_dim),  # eps 1e-5, as LAVIS
+        "qformer": lambda: build_qformer(cfg.qformer, variant.embed_dim, attn_implementation=attn),
+        "query_tokens": lambda: init_query_tokens(cfg.num_query_token, d),
+        "prompt_encoder": lambda: PromptEncoder(d, variant.embed_dim, cfg.image_size, cfg.add_img_pe),
+        "llama_proj": lambda: nn.Linear(d, llm_width),
+    }
+
+
+def compose(cfg: ModelConfig, llm: nn.Module, tokenizer: TextTokenizer | None,
+            meta_parts: frozenset[str] = frozenset(PARTS)) -> Click4Caption:
+    """The model around an LLM, its parts built on the meta device when named in
+    ``meta_parts`` (their weights come from files) and initialised otherwise."""
+    builders = part_builders(cfg, llm.config.hidden_size)
+    parts = {}
+    for name, build in builders.items():
+        with torch.device("meta" if name in meta_parts else "cpu"):
+            parts[name] = build()
+    aid = None
+    if cfg.box_attention_loss_weight > 0:
+        aid = BoxAttentionAid(cfg.box_attention_loss_weight, cfg.box_attention_grid, cfg.num_query_token,
+                              parts["visual_encoder"].grid_size, cfg.image_size).attach(parts["qformer"])
+    return Click4Caption(**parts, llama_model=llm, llama_tokenizer=tokenizer, image_size=cfg.image_size,
                          delete_vit_cls_token=cfg.delete_vit_cls_token, add_img_pe=cfg.add_img_pe,
-                         max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym,
-                         box_attention_loss_weight=cfg.box_attention_loss_weight,
-                         box_attention_grid=cfg.box_attention_grid, prompt_list=training_prompts(cfg))
+                         max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym, prompt_list=training_prompts(cfg),
+                         box_attention=aid)
 
 
 def training_prompts(cfg: ModelConfig) -> list[str]:
@@ -84,120 +106,75 @@ def training_prompts(cfg: ModelConfig) -> list[str]:
     return load_training_prompts(resolve_path(cfg.prompt_path), cfg.prompt_template)
 
 
-def _apply(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> set[str]:
-    log_report(report)
-    if state:
-        result = model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:  # cannot happen after match_to_model; guard anyway
-            raise CheckpointError(f"{report.source}: unexpected keys {summarize_keys(result.unexpected_keys)}")
-    return set(state)
+def config_paths(cfg: ModelConfig) -> dict[str, str | None]:
+    """``{config key: resolved path}`` of every weight file key."""
+    return {key: resolve_path(getattr(cfg, key)) for key in ("vit_ckpt", "q_former_model", "llama_proj_ckpt", "ckpt")}
 
 
-def load_weights(model: Click4Caption, cfg: ModelConfig, for_training: bool) -> dict[str, LoadReport]:
-    """Load every file the config names, in order: ViT, (BLIP-2 Q-Former, MiniGPT-4
-    projection when no ``ckpt``), then ``ckpt``; later files override earlier ones.
+def plan_weights(cfg: ModelConfig, model_shapes: dict[str, torch.Size], for_training: bool
+                 ) -> list[tuple[KeyPlan, TensorFile]]:
+    """Open every weight file the config names and match its keys and shapes to the model.
 
     Raises:
         CheckpointError: a file is missing or unreadable, a shape differs, or (for
-            inference) some model tensor is found in no file.
+            inference) a model tensor is in no file; names as the files spell them.
     """
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    covered: set[str] = set()
-    reports: dict[str, LoadReport] = {}
-    if not cfg.llm_from_scratch:
-        covered |= {k for k in shapes if k.startswith("llama_model.")}
-
-    vit_path = resolve_path(cfg.vit_ckpt)
-    if vit_path:
-        state = read_state_dict(vit_path, VIT_WHAT)
-        if "pos_embed" in state:
-            state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.visual_encoder.patch_embed.num_patches)
-        state = convert_vit_state_dict(state)
-        kept, rep = match_to_model(state, shapes, vit_path)
-        covered |= _apply(model, kept, rep)
-        reports["vit"] = rep
-
-    for path, what in checkpoint_sources(cfg):
-        raw = read_state_dict(path, what)
-        renamed, ignored = convert_upstream_state_dict(raw)
-        if "q_former_model" in what:  # a BLIP-2 file holds whole models; take our parts only
-            wanted = ("qformer.", "query_tokens", "ln_vision.")
-            other = [k for k in renamed if not k.startswith(wanted)]
-            for k in other:
-                ignored[k] = "not a part this model takes from BLIP-2"
-                renamed.pop(k)
-        kept, rep = match_to_model(renamed, shapes, path)
-        rep.ignored = ignored
-        covered |= _apply(model, kept, rep)
-        reports[key_for(what)] = rep
-
+    planned: list[tuple[KeyPlan, TensorFile]] = []
+    for source, path in weight_files(config_paths(cfg)):
+        tensors = TensorFile(path, source.label)
+        plan = plan_keys(tensors.shapes, source, path, model_shapes)
+        check_plan(plan)
+        planned.append((plan, tensors))
+    plans = [p for p, _ in planned]
+    llm_prefix = ("llama_model.",)
     if for_training:
-        missing = sorted(k for k in shapes if k not in covered)
-        if missing:
-            logger.info("initialised randomly (no checkpoint provides them): %s", summarize_keys(missing))
+        covered = {k for p in plans for k in p.names}
+        fresh = [k for k in model_shapes if k not in covered and not k.startswith(llm_prefix)]
+        if fresh:
+            logger.info("initialised randomly (no checkpoint provides them): %s", summarize_keys(fresh))
     else:
-        required_keys_check(shapes, covered)
-    return reports
+        error = missing_keys_error(model_shapes, plans, skip_prefixes=llm_prefix)
+        if error is not None:
+            raise error
+    return planned
 
 
-VIT_WHAT = "ViT checkpoint (model.vit_ckpt)"
+def covered_parts(model_shapes: dict[str, torch.Size], plans: list[KeyPlan]) -> frozenset[str]:
+    """Parts whose every tensor comes from a file."""
+    covered = {k for p in plans for k in p.names}
+    return frozenset(part for part in PARTS
+                     if all(k in covered for k in model_shapes if k == part or k.startswith(part + ".")))
 
 
-def checkpoint_sources(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """The files after the ViT's that :func:`load_weights` reads, in order, as ``(path, what)``:
-    ``ckpt`` when set, else the BLIP-2 Q-Former and MiniGPT-4 projection files."""
-    ckpt_path = resolve_path(cfg.ckpt)
-    if ckpt_path:
-        return [(ckpt_path, "Click4Caption checkpoint (model.ckpt)")]
-    sources: list[tuple[str, str]] = []
-    for key, what in (("q_former_model", "BLIP-2 Q-Former checkpoint (model.q_former_model)"),
-                      ("llama_proj_ckpt", "MiniGPT-4 projection checkpoint (model.llama_proj_ckpt)")):
-        path = resolve_path(getattr(cfg, key))
-        if path and not path.startswith(("http://", "https://")):
-            sources.append((path, what))
-    return sources
-
-
-def check_checkpoint_files(cfg: ModelConfig) -> None:
-    """Fail fast, before the (slow) LLM load, when a checkpoint file the config names is missing.
-
-    Raises:
-        CheckpointError: naming the first missing file and what it is for.
-    """
-    vit_path = resolve_path(cfg.vit_ckpt)
-    if vit_path:
-        require_file(vit_path, VIT_WHAT)
-    for path, what in checkpoint_sources(cfg):
-        require_file(path, what)
-
-
-def key_for(what: str) -> str:
-    return what.split("(model.")[-1].rstrip(")")
-
-
-def set_trainable(model: Click4Caption, cfg: ModelConfig) -> None:
-    """requires_grad per freeze_* flags; frozen parts stay in eval mode (see ``train``)."""
-    frozen: list[str] = []
-    if cfg.freeze_vit:
-        frozen.append("visual_encoder")
-        # upstream unfreezes ln_vision with multi-block features or a non-224 input size
-        if not cfg.use_vit_multiblock_feat and cfg.image_size == 224:
-            frozen.append("ln_vision")
-    if cfg.freeze_qformer:
-        frozen += ["qformer", "query_tokens"]
-    if cfg.freeze_llm:
-        frozen.append("llama_model")
-    for name, param in model.named_parameters():
-        param.requires_grad = not any(name == f or name.startswith(f + ".") for f in frozen)
-    model.frozen_modules = tuple(f for f in frozen if f != "query_tokens")
+def load_planned(model: Click4Caption, planned: list[tuple[KeyPlan, TensorFile]]) -> None:
+    """Load every planned file, in order, with ``assign`` (meta parts get the file's tensors)."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for plan, tensors in planned:
+        state = state_from_plan(plan, tensors, shapes)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:  # cannot happen after plan_keys; guard anyway
+            raise CheckpointError(f"{plan.path}: unexpected keys {summarize_keys(result.unexpected_keys)}")
+    model.visual_encoder.init_non_persistent_buffers()
+    for name in PARTS:  # files may hold half-precision tensors; the parts compute in fp32
+        part = getattr(model, name)
+        if isinstance(part, nn.Parameter):
+            part.data = part.data.float()
+        else:
+            part.float()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"no file provided {summarize_keys(left, limit=8)}")
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_training: bool = False) -> Click4Caption:
     """Build the model the config describes, load its weights, place it on ``device``.
 
+    Freezing is the trainer's (:func:`click4caption.training.freezing.frozen_parts`).
+
     Raises:
         ConfigError / CheckpointError with a one-line message naming what is wrong.
     """
+    start = time.perf_counter()
     if cfg.arch != "click4caption":
         registry.get("model", cfg.arch)  # raises for unknown names
     device = torch.device(device)
@@ -205,26 +182,35 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_traini
     llm_path = resolve_path(cfg.llama_model)
     if not llm_path:
         raise ConfigError("model.llama_model must name the LLM folder")
-    check_checkpoint_files(cfg)
-    llm, tokenizer = load_llm(llm_path, device, llm_dtype, from_scratch=cfg.llm_from_scratch,
-                              low_resource=cfg.low_resource, device_8bit=cfg.device_8bit)
-    model = build_skeleton(cfg, llm, tokenizer)
-    load_weights(model, cfg, for_training)
-    set_trainable(model, cfg)
-    quantized = getattr(llm, "is_loaded_in_8bit", False)
-    for name, child in model.named_children():
-        if name == "llama_model" and quantized:
-            continue
-        child.to(device)
-    model.query_tokens.data = model.query_tokens.data.to(device)
-    if device.type == "cuda" and cfg.vit_precision == "fp16" and cfg.freeze_vit:
-        model.visual_encoder.half()
-    if not quantized:
-        model.llama_model.to(device=device, dtype=llm_dtype)
+    for source, path in weight_files(config_paths(cfg)):  # every named file exists, before any reading
+        require_file(path, source.label)
+    llm_config = read_llm_config(llm_path)
+    tokenizer = load_tokenizer(llm_path)
+
+    # the plan: names and shapes only
+    skeleton = compose(cfg, build_llm_skeleton(llm_config), tokenizer)
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    planned = plan_weights(cfg, shapes, for_training)
+    if not cfg.llm_from_scratch:
+        check_llm_weights(llm_path, skeleton.llama_model)
+    meta_parts = covered_parts(shapes, [p for p, _ in planned])
+    del skeleton
+
+    # the loads
+    llm = load_llm(llm_path, llm_config, device, llm_dtype, from_scratch=cfg.llm_from_scratch,
+                   low_resource=cfg.low_resource, device_8bit=cfg.device_8bit)
+    model = compose(cfg, llm, tokenizer, meta_parts)
+    load_planned(model, planned)
+    vit_half = device.type == "cuda" and cfg.vit_precision == "fp16" and cfg.freeze_vit
+    model.place(device, vit_dtype=torch.float16 if vit_half else None, llm_dtype=llm_dtype)
     model.train(for_training)
+    logger.info("model built in %.1f s (%s from files on the meta device)", time.perf_counter() - start,
+                ", ".join(sorted(meta_parts)) or "no part")
     return model
 
 
-def build_click4caption(cfg: ModelConfig, device: torch.device | str = "cpu", for_training: bool = False) -> Click4Caption:
+def build_click4caption(cfg: ModelConfig, device: torch.device | str = "cpu", for_training: bool = False
+                        ) -> Click4Caption:
     """Registry entry for ``arch: click4caption``."""
     return build_model(cfg, device, for_training)
+

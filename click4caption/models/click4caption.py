@@ -5,6 +5,7 @@ Public methods keep upstream names and semantics (``encode_img_with_bbox``,
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from typing import Any, Sequence
@@ -14,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from click4caption.errors import InputError
+from click4caption.models.box_attention import BoxAttentionAid
 from click4caption.models.prompt_encoder import PromptEncoder
 from click4caption.models.vision import VisionEncoder
 from click4caption.prompts import IMG_TOKEN, PROMPT_IMAGE_PLACEHOLDER, conversation_pieces
@@ -26,13 +28,15 @@ NEAR_FULL_BOX_JITTER = 7.0
 
 
 class Click4Caption(nn.Module):
-    """Composed from built parts (see :func:`click4caption.models.builder.build_click4caption`).
+    """Composed from built parts (see :func:`click4caption.models.builder.build_model`).
 
     Args:
         visual_encoder: ViT returning ``Bx(1+N)xC`` averaged block features.
+        ln_vision: LayerNorm over the C-wide features.
         qformer: query-only ``Blip2QFormerModel`` of width D.
         query_tokens: learned queries ``1xQxD``.
         prompt_encoder: box corner encoder and image PE.
+        llama_proj: ``Linear(D -> E)``, query outputs to soft tokens.
         llama_model / llama_tokenizer: the causal LM (width E) and its tokenizer.
         image_size: model input side S.
         delete_vit_cls_token: drop the CLS token before the Q-Former.
@@ -42,57 +46,77 @@ class Click4Caption(nn.Module):
             stops generation (``###``): one value for training and inference.
         prompt_list: training prompts (upstream's ``prompt_path`` / ``prompt_template``):
             when set, each caption-mode batch wraps its soft tokens in one drawn at random.
+        box_attention: the optional training aid whose loss is added in training
+            (:class:`~click4caption.models.box_attention.BoxAttentionAid`).
     """
 
     def __init__(
         self,
         visual_encoder: VisionEncoder,
+        ln_vision: nn.LayerNorm,
         qformer: nn.Module,
         query_tokens: nn.Parameter,
         prompt_encoder: PromptEncoder,
+        llama_proj: nn.Linear,
         llama_model: PreTrainedModel,
         llama_tokenizer: TextTokenizer,
-        image_size: int = 224,
-        delete_vit_cls_token: bool = True,
-        add_img_pe: bool = True,
-        max_txt_len: int = 32,
-        end_sym: str = "###",
-        box_attention_loss_weight: float = 0.0,
-        box_attention_grid: int = 0,
+        image_size: int,
+        delete_vit_cls_token: bool,
+        add_img_pe: bool,
+        max_txt_len: int,
+        end_sym: str,
         prompt_list: Sequence[str] = (),
+        box_attention: BoxAttentionAid | None = None,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
-        self.ln_vision = nn.LayerNorm(visual_encoder.num_features)  # eps 1e-5, as LAVIS
+        self.ln_vision = ln_vision
         self.qformer = qformer
         self.query_tokens = query_tokens
         self.prompt_encoder = prompt_encoder
+        self.llama_proj = llama_proj
         self.llama_model = llama_model
         self.llama_tokenizer = llama_tokenizer
-        self.llama_proj = nn.Linear(query_tokens.shape[-1], llama_model.config.hidden_size)
         self.img_size = image_size
         self.delete_vit_cls_token = delete_vit_cls_token
         self.add_img_pe = add_img_pe
         self.max_txt_len = max_txt_len
         self.end_sym = end_sym
         self.prompt_list = list(prompt_list)
-        self.box_attention_loss_weight = box_attention_loss_weight
-        self.box_attention_grid = box_attention_grid
-        self._attn_maps: list[torch.Tensor] | None = None
-        self._box_attn_loss: torch.Tensor | None = None
-        if box_attention_loss_weight > 0:
-            for layer in self.qformer.encoder.layer:
-                if layer.has_cross_attention:
-                    layer.crossattention.attention.register_forward_hook(self._record_attention)
+        self.box_attention = box_attention
+        self.frozen_parts: tuple[str, ...] = ()
 
-    frozen_modules: tuple[str, ...] = ()
+    def freeze(self, parts: Sequence[str]) -> None:
+        """No gradients for the named parts (top-level attribute names, e.g.
+        ``visual_encoder``), which also stay in eval mode in :meth:`train`."""
+        for name, param in self.named_parameters():
+            param.requires_grad = not any(name == p or name.startswith(p + ".") for p in parts)
+        self.frozen_parts = tuple(parts)
 
     def train(self, mode: bool = True) -> "Click4Caption":
         """Like ``nn.Module.train`` but frozen parts stay in eval mode (upstream's
         ``disabled_train``)."""
         super().train(mode)
-        for name in self.frozen_modules:
-            getattr(self, name).eval()
+        for name in self.frozen_parts:
+            part = getattr(self, name)
+            if isinstance(part, nn.Module):
+                part.eval()
+        return self
+
+    def place(self, device: torch.device, vit_dtype: torch.dtype | None = None,
+              llm_dtype: torch.dtype | None = None) -> "Click4Caption":
+        """Move every part to ``device``; the ViT in ``vit_dtype`` and the LLM in
+        ``llm_dtype`` when given. An 8-bit LLM stays where bitsandbytes put it."""
+        quantized = getattr(self.llama_model, "is_loaded_in_8bit", False)
+        for name, child in self.named_children():
+            if name == "llama_model":
+                if not quantized:
+                    child.to(device=device, dtype=llm_dtype)
+            elif name == "visual_encoder":
+                child.to(device=device, dtype=vit_dtype)
+            else:
+                child.to(device)
+        self.query_tokens.data = self.query_tokens.data.to(device)
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -117,63 +141,6 @@ class Click4Caption(nn.Module):
         top_left = NEAR_FULL_BOX_JITTER * torch.rand(batch, 1, 1, 2, generator=generator)
         bottom_right = self.img_size - NEAR_FULL_BOX_JITTER * torch.rand(batch, 1, 1, 2, generator=generator)
         return torch.cat([top_left, bottom_right], dim=2).to(self.device)
-
-    def _record_attention(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._attn_maps is not None and isinstance(output, tuple) and output[1] is not None:
-            self._attn_maps.append(output[1])
-
-    def inside_box_mask(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Which image tokens lie in each box: ``Nx2x2`` boxes -> ``NxT`` float mask.
-
-        A patch is inside when its centre is; a box holding no centre gets the patch
-        nearest to its own centre. A kept CLS token is never inside.
-        """
-        gh, gw = self.visual_encoder.grid_size
-        s = float(self.img_size)
-        ys = (torch.arange(gh, device=boxes.device, dtype=boxes.dtype) + 0.5) * s / gh
-        xs = (torch.arange(gw, device=boxes.device, dtype=boxes.dtype) + 0.5) * s / gw
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        cx, cy = cx.reshape(1, -1), cy.reshape(1, -1)
-        b = boxes.clip(0, s)
-        x1, y1, x2, y2 = b[:, 0, 0:1], b[:, 0, 1:2], b[:, 1, 0:1], b[:, 1, 1:2]
-        mask = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
-        dist = (cx - (x1 + x2) / 2) ** 2 + (cy - (y1 + y2) / 2) ** 2
-        nearest = torch.zeros_like(mask).scatter_(1, dist.argmin(dim=1, keepdim=True), True)
-        mask = torch.where(mask.any(dim=1, keepdim=True), mask, nearest).to(boxes.dtype)
-        if num_tokens == mask.shape[1] + 1:
-            mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
-        return mask
-
-    def query_cells(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Each learned query's share of the box: ``Nx2x2`` -> ``NxQx2x2``.
-
-        With ``box_attention_grid`` g > 0 the box is cut into g x g cells, row-major, and
-        query q gets cell ``q mod g*g``; with g = 0 every query gets the whole box.
-        """
-        g = self.box_attention_grid
-        q = self.num_query_token
-        if g <= 0:
-            return boxes[:, None].expand(-1, q, -1, -1)
-        cell = torch.arange(q, device=boxes.device) % (g * g)
-        row, col = (cell // g).to(boxes.dtype), (cell % g).to(boxes.dtype)
-        tl, size = boxes[:, None, 0], (boxes[:, 1] - boxes[:, 0])[:, None]  # Nx1x2
-        start = torch.stack([col, row], dim=-1)[None] / g  # 1xQx2 (x, y)
-        top_left = tl + start * size
-        return torch.stack([top_left, top_left + size / g], dim=2)
-
-    def box_attention_loss(self, maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """Mean of ``-log`` (attention mass of each learned query inside its target).
-
-        A training aid for models trained from scratch (the shapes model): it teaches
-        the queries to look between the corners, each at its own cell of the box when
-        ``box_attention_grid`` is set (so the box's layout reaches the LLM). ``maps``:
-        per cross-attention layer ``NxHx(Q+2)xT``.
-        """
-        n, q = boxes.shape[0], self.num_query_token
-        cells = self.query_cells(boxes).reshape(n * q, 2, 2)
-        mask = self.inside_box_mask(cells, maps[0].shape[-1]).reshape(n, 1, q, -1)
-        losses = [-(m[:, :, :q] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
-        return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------ vision
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -208,18 +175,13 @@ class Click4Caption(nn.Module):
         corners = self.prompt_encoder.encode_boxes(boxes.to(self.device))
         tokens = torch.cat([queries, corners.to(queries.dtype)], dim=1)
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        record = self.training and self.box_attention_loss_weight > 0
-        self._attn_maps = [] if record else None
-        try:
+        aid = self.box_attention if self.training else None
+        with aid.record(boxes.to(self.device)) if aid is not None else contextlib.nullcontext():
             out = self.qformer(
                 query_embeds=tokens,
                 encoder_hidden_states=image_embeds,
                 encoder_attention_mask=atts,
             ).last_hidden_state
-            if record and self._attn_maps:
-                self._box_attn_loss = self.box_attention_loss(self._attn_maps, boxes.to(self.device).float())
-        finally:
-            self._attn_maps = None
         soft = self.llama_proj(out[:, : self.num_query_token].to(self.llama_proj.weight.dtype))
         return soft.to(self.llama_model.get_input_embeddings().weight.dtype)
 
@@ -315,10 +277,10 @@ class Click4Caption(nn.Module):
 
     def _losses(self, lm_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"loss": total}`` plus the parts when a box-attention loss was added."""
-        aux, self._box_attn_loss = self._box_attn_loss, None
+        aux = self.box_attention.take_loss() if self.box_attention is not None else None
         if aux is None:
             return {"loss": lm_loss}
-        return {"loss": lm_loss + self.box_attention_loss_weight * aux, "lm_loss": lm_loss.detach(),
+        return {"loss": lm_loss + self.box_attention.weight * aux, "lm_loss": lm_loss.detach(),
                 "box_attention_loss": aux.detach()}
 
     def _forward_conversations(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:

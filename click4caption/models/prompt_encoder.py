@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from click4caption.errors import ConfigError
+
 
 class PositionEmbeddingRandom(nn.Module):
     """Random Fourier encoding of 2-d points in ``[0, 1]``.
@@ -48,7 +50,7 @@ class PromptEncoder(nn.Module):
     def __init__(self, embed_dim: int, vision_dim: int, image_size: int, add_img_pe: bool = True) -> None:
         super().__init__()
         if embed_dim % 2:
-            raise ValueError(f"Q-Former width must be even for the Fourier box encoding, got {embed_dim}")
+            raise ConfigError(f"Q-Former width must be even for the Fourier box encoding, got {embed_dim}")
         self.image_size = image_size
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
         self.corner_type_emb = nn.ModuleList([nn.Embedding(1, embed_dim) for _ in range(2)])
@@ -71,7 +73,7 @@ class PromptEncoder(nn.Module):
         A kept CLS token gets the mean of the grid embeddings.
         """
         if self.image_pe_proj is None:
-            raise RuntimeError("image PE requested but add_img_pe is off")
+            raise ConfigError("the image PE was requested but model.add_img_pe is off")
         pe = self.pe_layer.grid(*grid)
         if with_cls:
             pe = torch.cat([pe.mean(0, keepdim=True), pe], dim=0)

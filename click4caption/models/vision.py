@@ -13,6 +13,8 @@ from timm.layers import LayerNorm
 from timm.models.eva import Eva
 from torch import nn
 
+from click4caption.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ViTVariant:
@@ -66,12 +68,21 @@ class VisionEncoder(Eva):
         blocks = list(feature_blocks) if feature_blocks else [variant.depth - 1]
         for b in blocks:
             if not 0 <= b < variant.depth:
-                raise ValueError(f"use_vit_multiblock_feat: block {b} out of range 0..{variant.depth - 1}")
+                raise ConfigError(f"model.use_vit_multiblock_feat: block {b} out of range 0..{variant.depth - 1}")
         self.feature_blocks = blocks
         self.num_features = variant.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)  # type: ignore[assignment]
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Make the buffers no state dict holds (timm's zero key bias) after the encoder
+        was built on the meta device and its weights assigned from a file."""
+        for block in self.blocks:
+            attn = block.attn
+            k_bias = getattr(attn, "k_bias", None)
+            if isinstance(k_bias, torch.Tensor) and k_bias.is_meta:
+                attn.register_buffer("k_bias", torch.zeros_like(attn.q_bias), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """image ``Bx3xSxS`` -> mean of the chosen blocks' outputs ``Bx(1+N)xC`` (CLS first)."""

@@ -185,8 +185,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-#: the name the shapes recipe uses
-load_checkpoint_file = load_checkpoint
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete the temporary files a kill during a checkpoint write left (``.*.tmp``);
+    a finished write never leaves one. Returns what was removed."""
+    removed = []
+    for path in Path(out_dir).glob(".*.tmp"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError as err:
+            logger.warning("could not delete the stale temporary file %s: %s", path, err)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted checkpoint write: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def resolve_resume_path(value: str | None, out_dir: Path) -> Path | None:

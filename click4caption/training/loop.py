@@ -43,6 +43,7 @@ from click4caption.training import checkpointing as ckpt_io
 from click4caption.training.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed,
 )
+from click4caption.training.freezing import frozen_parts
 from click4caption.training.optim import build_optimizer, check_schedule, lr_at, set_lr, total_steps
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ class Trainer:
         self.dist = DistInfo()
         self.start_iteration = 0
         self.total = total_steps(self.run)
-        self.total_skipped: Counter = Counter()  # all ranks, since the run began (kept across resumes)
+        self.skipped_before: Counter = Counter()  # all ranks, before this process (restored on resume)
+        self.rank_skipped: Counter = Counter()    # this rank, since this process started
         self._log_handler: logging.Handler | None = None
         self._saved_level: int | None = None
         self._tb: Any = None
@@ -185,6 +187,7 @@ class Trainer:
             logger.info("dataset %s", source.describe())
 
         self.model = self.model_factory(self.cfg.model, self.dist.device, True)
+        self.model.freeze(frozen_parts(self.cfg.model))
         self._check_image_size()
         _trainable_in_fp32(self.model)
         self.model.train()
@@ -215,6 +218,7 @@ class Trainer:
     def _setup_output(self) -> None:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.remove_stale_temporaries(self.out_dir)
             handler = logging.FileHandler(self.out_dir / LOG_FILE, encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             handler.setLevel(logging.INFO)
@@ -258,7 +262,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_iteration = int(ckpt.get("iteration", 0))
         data = ckpt.get("data_state") or {}
-        self.total_skipped = Counter({str(k): int(v) for k, v in (data.get("skipped") or {}).items()})
+        self.skipped_before = Counter({str(k): int(v) for k, v in (data.get("skipped") or {}).items()})
         if data.get("world_size") not in (None, self.dist.world_size) or data.get("seed") not in (None, self.run.seed):
             logger.warning("resuming with world size %d / seed %d instead of %s / %s: the data stream differs "
                            "from the original run's from here on", self.dist.world_size, self.run.seed,
@@ -287,7 +291,6 @@ class Trainer:
         loader = make_loader(self.batches, self.start_iteration, run.num_workers,
                              pin_memory=self.dist.device.type == "cuda")
         window = _Window()
-        total_skipped = self.total_skipped
         pending_save, pending_epoch = False, None
         bar = tqdm(total=self.total, initial=self.start_iteration, desc=self.exp_name, unit="it",
                    disable=not self.dist.is_main, dynamic_ncols=True,
@@ -304,15 +307,17 @@ class Trainer:
                     raise RuntimeError(f"data loader out of order: got step {meta.get('_step')} at iteration {it}")
                 lr = lr_at(it, run)
                 set_lr(self.optimizer, lr)
-                torch.manual_seed(step_seed(run.seed, self.dist.rank, it))
+                seed = step_seed(run.seed, self.dist.rank, it)
+                torch.manual_seed(seed)
+                random.seed(seed)  # e.g. the training prompt a caption batch draws
                 sync = (it + 1) % accum == 0 or it + 1 == self.total
                 loss, extras = self._forward_backward(_to_device(samples, self.dist.device), sync, accum)
                 if sync:
                     self._optimizer_step()
-                loss_value = float(loss)
-                result.losses.append((it, loss_value))
                 result.sources[meta["_source"]] = result.sources.get(meta["_source"], 0) + 1
-                window.add(loss_value, _num_samples(samples), meta.get("_skipped", {}), extras)
+                skipped = meta.get("_skipped", {})
+                self.rank_skipped.update(skipped)
+                window.add(it, loss, _num_samples(samples), skipped, extras)  # no device sync here
                 bar.update(1)
 
                 done = it + 1
@@ -320,7 +325,7 @@ class Trainer:
                 if epoch_end:
                     pending_epoch = (done - 1) // run.iters_per_epoch
                 if done % run.log_freq == 0 or done == self.total:
-                    self._log(done, lr, window, total_skipped, bar)
+                    result.losses.extend(self._log(done, lr, window, bar))
                     window = _Window()
                 pending_save = pending_save or done % run.save_every_iters == 0 or epoch_end or done == self.total
                 if pending_save and sync:  # saves wait for the end of an accumulation
@@ -328,10 +333,11 @@ class Trainer:
                     pending_save, pending_epoch = False, None
         bar.close()
         result.end_iteration = self.total
-        result.skipped = dict(total_skipped)
+        result.skipped = dict(self.total_skipped())
         return result
 
-    def _forward_backward(self, samples: dict[str, Any], sync: bool, accum: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward_backward(self, samples: dict[str, Any], sync: bool, accum: int
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch and its backward pass (gradients synced across ranks only
         when ``sync``). Returns the loss and any other scalars the model reported."""
         no_sync = self.ddp_model.no_sync() if (isinstance(self.ddp_model, DDP) and not sync) else contextlib.nullcontext()
@@ -346,7 +352,7 @@ class Trainer:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
-        extras = {k: float(v) for k, v in out.items()
+        extras = {k: v.detach() for k, v in out.items()
                   if k != "loss" and isinstance(v, torch.Tensor) and v.numel() == 1}
         return loss.detach(), extras
 
@@ -365,16 +371,24 @@ class Trainer:
             logger.warning("non-finite gradient norm: optimizer step skipped")
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _log(self, done: int, lr: float, window: "_Window", total_skipped: Counter, bar: tqdm) -> None:
-        """Reduce the window's numbers over ranks; rank 0 logs them (every rank calls this)."""
-        loss_sum, iters, images, _ = all_reduce_sum(
-            [window.loss_sum, window.iters, window.images, sum(window.skipped.values())], self.dist)
-        parts = all_gather_objects((dict(window.skipped), window.extras), self.dist)
+    def total_skipped(self) -> Counter:
+        """Skipped samples of all ranks since the run began (every rank must call it)."""
+        total = Counter(self.skipped_before)
+        for part in all_gather_objects(dict(self.rank_skipped), self.dist):
+            total.update(part)
+        return total
+
+    def _log(self, done: int, lr: float, window: "_Window", bar: tqdm) -> list[tuple[int, float]]:
+        """Reduce the window's numbers over ranks; rank 0 logs them (every rank calls this).
+        Returns this rank's ``(iteration, loss)`` of the window (one device sync per log line)."""
+        losses = window.values()
+        finite = [v for _, v in losses if math.isfinite(v)]
+        loss_sum, iters, images = all_reduce_sum([sum(finite), len(finite), window.images], self.dist)
+        extras_here = {k: (float(torch.stack(v).float().sum()), len(v)) for k, v in window.extras.items()}
+        parts = all_gather_objects((dict(window.skipped), extras_here), self.dist)
+        total_skipped = self.total_skipped()
         if not self.dist.is_main:
-            return
-        gathered = [p[0] for p in parts]
-        for part in gathered:
-            total_skipped.update(part)
+            return losses
         extras: dict[str, list[float]] = {}
         for _, ex in parts:
             for k, (total, n) in ex.items():
@@ -385,7 +399,7 @@ class Trainer:
         elapsed = max(time.perf_counter() - window.t0, 1e-9)
         loss = loss_sum / max(iters, 1)
         rate = images / elapsed
-        skipped_now = sum(sum(p.values()) for p in gathered)
+        skipped_now = sum(sum(p[0].values()) for p in parts)
         detail = ", ".join(f"{k} {v}" for k, v in sorted(total_skipped.items()))
         epoch = (done - 1) // self.run.iters_per_epoch
         logger.info("iter %d/%d epoch %d | loss %.4f%s | lr %.3e | samples/s %.1f | skipped %d (total %d%s)",
@@ -400,10 +414,12 @@ class Trainer:
             for k, v in extra_means.items():
                 self._tb.add_scalar(f"train/{k}", v, done)
             self._tb.flush()
+        return losses
 
     # ================================================================== save
-    def checkpoint_state(self, iteration: int) -> dict[str, Any]:
-        """The checkpoint dict after ``iteration`` finished iterations."""
+    def checkpoint_state(self, iteration: int, skipped: Counter) -> dict[str, Any]:
+        """The checkpoint dict after ``iteration`` finished iterations (``skipped``: all
+        ranks' skipped samples since the run began)."""
         return {
             "model": ckpt_io.trainable_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -413,15 +429,17 @@ class Trainer:
             "iteration": iteration,
             "config": self.cfg.to_dict(),
             "data_state": {"scheme": "step-indexed", "seed": self.run.seed, "world_size": self.dist.world_size,
-                           "next_step": iteration, "skipped": dict(self.total_skipped)},
+                           "next_step": iteration, "skipped": dict(skipped)},
             "version": ckpt_io.FORMAT_VERSION,
         }
 
     def save(self, iteration: int, epoch_end: int | None = None) -> Path | None:
-        """Rank 0 writes the checkpoint (atomically); other ranks return None."""
+        """Rank 0 writes the checkpoint (atomically); other ranks return None (every rank
+        calls this: the skipped-sample counts are gathered)."""
+        skipped = self.total_skipped()
         if not self.dist.is_main:
             return None
-        path = ckpt_io.write_checkpoint(self.checkpoint_state(iteration), self.out_dir, iteration,
+        path = ckpt_io.write_checkpoint(self.checkpoint_state(iteration, skipped), self.out_dir, iteration,
                                         self.run.keep_last_ckpts, epoch_end)
         logger.info("saved %s%s", path, f" (end of epoch {epoch_end})" if epoch_end is not None else "")
         return path
@@ -464,25 +482,30 @@ class Trainer:
 
 
 class _Window:
-    """Numbers gathered between two log lines on one rank."""
+    """Numbers gathered between two log lines on one rank, kept on the device until then."""
 
     def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.iters = 0
+        self.iterations: list[int] = []
+        self.losses: list[torch.Tensor] = []
         self.images = 0
         self.skipped: Counter = Counter()
-        self.extras: dict[str, tuple[float, int]] = {}  # name -> (sum, count)
+        self.extras: dict[str, list[torch.Tensor]] = {}
         self.t0 = time.perf_counter()
 
-    def add(self, loss: float, images: int, skipped: dict[str, int], extras: dict[str, float]) -> None:
-        if math.isfinite(loss):
-            self.loss_sum += loss
-            self.iters += 1
+    def add(self, iteration: int, loss: torch.Tensor, images: int, skipped: dict[str, int],
+            extras: dict[str, torch.Tensor]) -> None:
+        self.iterations.append(iteration)
+        self.losses.append(loss.detach())
         self.images += images
         self.skipped.update(skipped)
         for k, v in extras.items():
-            total, n = self.extras.get(k, (0.0, 0))
-            self.extras[k] = (total + v, n + 1)
+            self.extras.setdefault(k, []).append(v)
+
+    def values(self) -> list[tuple[int, float]]:
+        """``(iteration, loss)`` of the window, read from the device at once."""
+        if not self.losses:
+            return []
+        return list(zip(self.iterations, torch.stack(self.losses).float().cpu().tolist()))
 
 
 def run_training(cfg: Config, exp_name: str, dry_run: bool = False,

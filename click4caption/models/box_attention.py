@@ -1,0 +1,130 @@
+"""A training aid for models trained from scratch: pull the learned queries'
+cross-attention inside the box.
+
+From random initialisation the learned queries attend almost uniformly, so the box's
+content never reaches the LLM (the shapes model's prototype found shape at chance). This
+aid adds ``weight * mean(-log(attention mass of each query inside its target))`` to the
+training loss, the target being the box, or with ``grid`` g > 0 the query's own cell of a
+g x g grid over the box (so the box's layout reaches the LLM).
+
+It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
+(which need eager attention to return their maps), records while the model encodes
+regions, and hands out its loss. Off by default (``box_attention_loss_weight: 0``), as
+upstream; removing it removes nothing else.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+#: the Q-Former attention implementation the aid needs (it reads attention maps)
+ATTN_IMPLEMENTATION = "eager"
+
+
+class BoxAttentionAid:
+    """Records cross-attention maps of the learned queries and turns them into a loss.
+
+    Args:
+        weight: factor of the loss in the total.
+        grid: g > 0: query q targets cell ``q mod g*g`` (row-major) of a g x g grid over
+            its box; 0: every query targets the whole box.
+        num_queries: Q, the learned queries (the corner tokens after them are not pulled).
+        grid_size: ``(H, W)`` patches of the image tokens.
+        image_size: S, the model input side (boxes are in ``[0, S]`` pixels).
+    """
+
+    def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
+                 image_size: int) -> None:
+        self.weight = weight
+        self.grid = grid
+        self.num_queries = num_queries
+        self.grid_size = grid_size
+        self.image_size = image_size
+        self._maps: list[torch.Tensor] | None = None
+        self._losses: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, qformer: nn.Module) -> "BoxAttentionAid":
+        """Hook every cross-attention layer of a ``Blip2QFormerModel`` built with eager attention."""
+        for layer in qformer.encoder.layer:
+            if layer.has_cross_attention:
+                self._handles.append(layer.crossattention.attention.register_forward_hook(self._record))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._maps is not None and isinstance(output, tuple) and output[1] is not None:
+            self._maps.append(output[1])
+
+    @contextmanager
+    def record(self, boxes: torch.Tensor) -> Iterator[None]:
+        """Keep the maps of the Q-Former pass inside the block and add its loss for
+        ``boxes`` (``Nx2x2``, one per Q-Former row)."""
+        self._maps = []
+        try:
+            yield
+            if self._maps:
+                self._losses.append(self.loss(self._maps, boxes.float()))
+        finally:
+            self._maps = None
+
+    def take_loss(self) -> torch.Tensor | None:
+        """The mean loss of the passes recorded since the last call (None if none was)."""
+        losses, self._losses = self._losses, []
+        return torch.stack(losses).mean() if losses else None
+
+    # ------------------------------------------------------------------ the loss
+    def inside_box_mask(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Which image tokens lie in each box: ``Nx2x2`` boxes -> ``NxT`` float mask.
+
+        A patch is inside when its centre is; a box holding no centre gets the patch
+        nearest to its own centre. A kept CLS token (``T = 1 + H*W``) is never inside.
+        """
+        gh, gw = self.grid_size
+        s = float(self.image_size)
+        ys = (torch.arange(gh, device=boxes.device, dtype=boxes.dtype) + 0.5) * s / gh
+        xs = (torch.arange(gw, device=boxes.device, dtype=boxes.dtype) + 0.5) * s / gw
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        cx, cy = cx.reshape(1, -1), cy.reshape(1, -1)
+        b = boxes.clip(0, s)
+        x1, y1, x2, y2 = b[:, 0, 0:1], b[:, 0, 1:2], b[:, 1, 0:1], b[:, 1, 1:2]
+        mask = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
+        dist = (cx - (x1 + x2) / 2) ** 2 + (cy - (y1 + y2) / 2) ** 2
+        nearest = torch.zeros_like(mask).scatter_(1, dist.argmin(dim=1, keepdim=True), True)
+        mask = torch.where(mask.any(dim=1, keepdim=True), mask, nearest).to(boxes.dtype)
+        if num_tokens == mask.shape[1] + 1:
+            mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
+        return mask
+
+    def query_cells(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Each learned query's target: ``Nx2x2`` boxes -> ``NxQx2x2``."""
+        g, q = self.grid, self.num_queries
+        if g <= 0:
+            return boxes[:, None].expand(-1, q, -1, -1)
+        cell = torch.arange(q, device=boxes.device) % (g * g)
+        row, col = (cell // g).to(boxes.dtype), (cell % g).to(boxes.dtype)
+        tl, size = boxes[:, None, 0], (boxes[:, 1] - boxes[:, 0])[:, None]  # Nx1x2
+        start = torch.stack([col, row], dim=-1)[None] / g  # 1xQx2 (x, y)
+        top_left = tl + start * size
+        return torch.stack([top_left, top_left + size / g], dim=2)
+
+    def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).
+
+        Args:
+            maps: per cross-attention layer ``NxHx(Q+2)xT`` (queries, then the 2 corners).
+            boxes: ``Nx2x2`` in model pixels.
+        """
+        n, q = boxes.shape[0], self.num_queries
+        cells = self.query_cells(boxes).reshape(n * q, 2, 2)
+        mask = self.inside_box_mask(cells, maps[0].shape[-1]).reshape(n, 1, q, -1)
+        losses = [-(m[:, :, :q] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
+        return torch.stack(losses).mean()
