@@ -33,8 +33,9 @@ GLAMM_REGIONS: dict[int, tuple[str, Any, str, str | None]] = {
     11: ("img_b.jpg", [100, 100, 10, 10], "a wooden bench", None),  # outside the real 40x40 (declared 400x400)
     12: ("img_a.png", [40, 20, 15, 20], "the dog's black tail.", "a black dog tail"),
 }
+GLAMM_NO_ANNOTATION = 13  # an image entry (a region in this layout) whose annotation is missing
 GLAMM_EXPECTED_SKIPS = {"no_box": [5], "zero_size_box": [6], "box_outside_image": [7, 11], "image_not_found": [8],
-                        "unreadable_image": [9], "no_caption": [10]}
+                        "unreadable_image": [9], "no_caption": [10], "image_without_annotation": [13]}
 GLAMM_SCORED = [1, 2, 3, 4, 12]
 
 # GRiT densecap layout: image id -> file, annotation id -> (image id, box, reference, prediction)
@@ -46,8 +47,9 @@ GRIT_REGIONS: dict[int, tuple[int, Any, str, str | None]] = {
     104: (2418, [5, 5, 20, 20], "clouds in sky", "white clouds in the sky"),
     105: (2418, [0, 0, 0, 0], "nothing", None),  # zero size
     106: (2418, [20, 2, 15, 30], "a tall lamp post on the left", "a tall lamp post on a street"),
+    107: (9999, [1, 1, 5, 5], "a ghost", None),  # its image entry is missing
 }
-GRIT_EXPECTED_SKIPS = {"zero_size_box": [105]}
+GRIT_EXPECTED_SKIPS = {"zero_size_box": [105], "no_image_entry": [107]}
 
 
 def write_images(folder: Path) -> None:
@@ -75,6 +77,7 @@ def write_glamm_layout(path: Path) -> Path:
             ann["bbox"] = bbox
             ann["area"] = bbox[2] * bbox[3]
         annotations.append(ann)
+    images.append({"id": GLAMM_NO_ANNOTATION, "file_name": "img_a.png", "height": A_SIZE[1], "width": A_SIZE[0]})
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
 

@@ -64,10 +64,11 @@ class StubSpice:
 # ----------------------------------------------------------------------------- reading the layouts
 def test_both_layouts_become_regions_with_reasons_for_what_is_left_out(files: dict[str, Path]) -> None:
     glamm = load_benchmark(files["glamm"])
-    assert glamm.layout == "region-per-image" and glamm.total == len(GLAMM_REGIONS)
+    assert glamm.layout == "region-per-image" and glamm.total == len(GLAMM_REGIONS)  # annotations in the file
     # grouped by image file (first appearance), file order within one image
     assert [r.region_id for r in glamm.regions] == [1, 2, 12, 3, 4, 11, 8, 9]
-    assert glamm.skipped == {"no_box": [5], "zero_size_box": [6], "box_outside_image": [7], "no_caption": [10]}
+    assert glamm.skipped == {"no_box": [5], "zero_size_box": [6], "box_outside_image": [7], "no_caption": [10],
+                             "image_without_annotation": [13]}
     first = glamm.regions[0]
     assert first.box == (2.0, 3.0, 22.0, 18.0) and first.captions == ("a red car parked on the street",)
     assert first.file_name == "img_a.png" and first.image_size == (64, 48)

@@ -64,6 +64,7 @@ LAYOUT_HELP = ("a COCO-style JSON object {\"images\": [{\"id\", \"file_name\", .
 NO_ID = "no_id"
 DUPLICATE_ID = "duplicate_id"
 NO_IMAGE_ENTRY = "no_image_entry"
+IMAGE_WITHOUT_ANNOTATION = "image_without_annotation"  # lists image entry ids, not region ids
 NO_FILE_NAME = "no_file_name"
 NO_BOX = "no_box"
 BAD_BOX = "bad_box"
@@ -194,7 +195,9 @@ def load_benchmark(path: str | Path) -> Benchmark:
     Annotations that cannot be captioned or scored are left out and listed by reason
     (:data:`NO_ID`, :data:`DUPLICATE_ID`, :data:`NO_IMAGE_ENTRY`, :data:`NO_FILE_NAME`,
     :data:`NO_BOX`, :data:`BAD_BOX`, :data:`ZERO_SIZE_BOX`, :data:`BOX_OUTSIDE_IMAGE` (against
-    the declared image size), :data:`NO_CAPTION`); the image files are not opened here.
+    the declared image size), :data:`NO_CAPTION`), and image entries that no annotation
+    refers to under :data:`IMAGE_WITHOUT_ANNOTATION` (by image id: in GLaMM's layout, a
+    region whose annotation is missing). The image files are not opened here.
 
     Raises:
         InputError: see :func:`read_annotation_json`.
@@ -245,6 +248,9 @@ def load_benchmark(path: str | Path) -> Benchmark:
         record = RegionRecord(region_id=rid, image_id=image["id"], file_name=image["file_name"], box=box,
                               captions=captions, image_size=size)
         by_file.setdefault(record.file_name, []).append(record)
+    missing = [e["id"] for e in images.values() if str(e["id"]) not in per_image]
+    if missing:
+        skipped[IMAGE_WITHOUT_ANNOTATION] = missing
     regions = [r for group in by_file.values() for r in group]
     file_names = [e["file_name"] for e in doc["images"] if isinstance(e, dict) and isinstance(e.get("file_name"), str)]
     bench = Benchmark(path=path, layout=layout, regions=regions, skipped=skipped, image_file_names=file_names,

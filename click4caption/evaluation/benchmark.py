@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from click4caption.errors import ConfigError, InputError
+from click4caption.errors import Click4CaptionError, ConfigError, InputError
 from click4caption.evaluation.annotations import Benchmark, load_benchmark
 from click4caption.evaluation.metrics import METRICS, region_ground_truth, score_captions
 from click4caption.evaluation.regions import DEFAULT_BATCH_SIZE, RegionDescriber, caption_regions
@@ -130,7 +130,7 @@ def run_benchmark(run: BenchmarkRun, get_captioner: Callable[[], RegionDescriber
         return None
     missing = [r.key for r in regions if r.key not in records]
     if missing:
-        raise InputError(f"{len(missing)} regions have no caption after the run (first: {missing[:5]}); rerun to "
+        raise Click4CaptionError(f"{len(missing)} regions have no caption after the run (first: {missing[:5]}); rerun to "
                          "complete them")
     return score_run(run, bench, regions, records, world_size=ctx.world_size)
 
