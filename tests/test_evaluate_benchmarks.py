@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from click4caption.evaluation.annotations import load_benchmark
 from click4caption.evaluation.benchmark import BenchmarkRun, run_benchmark
 from click4caption.parallel import partial_files, read_jsonl
 from tests.fixtures_benchmarks import (
-    GLAMM_EXPECTED_SKIPS, GLAMM_REGIONS, GLAMM_SCORED, GRIT_EXPECTED_SKIPS, GRIT_REGIONS, glamm_fake, grit_fake,
+    GLAMM_EXPECTED_SKIPS, GLAMM_REGIONS, GLAMM_SCORED, GRIT_EXPECTED_SKIPS, glamm_fake, grit_fake,
     write_glamm_layout, write_grit_layout, write_images,
 )
 
@@ -95,24 +96,30 @@ def test_a_wrong_layout_is_one_error_naming_the_accepted_layouts(tmp_path: Path,
 # ----------------------------------------------------------------------------- scores
 def test_scores_equal_cocoevalcap_on_the_glamm_layout(files: dict[str, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our scores against GLaMM's own procedure: COCO(annotation file).loadRes(predictions), COCOEvalCap."""
+    """Our scores against GLaMM's own procedure: COCO(annotation file).loadRes(predictions), COCOEvalCap.
+
+    The reference scores the captions the fake captioner gives, written here; it runs while
+    the project scores its own predictions file (two METEOR start-ups at once)."""
     needs_java()
     from pycocoevalcap import eval as cocoevalcap
     from pycocotools.coco import COCO
 
-    out = tmp_path / "out"
-    scores = run(files, "glamm", out, glamm_fake(), batch_size=2)
-
+    expected = tmp_path / "expected_predictions.json"
+    expected.write_text(json.dumps([{"image_id": rid, "caption": GLAMM_REGIONS[rid][3]} for rid in GLAMM_SCORED]))
     coco = COCO(str(files["glamm"]))
-    results = coco.loadRes(str(out / "predictions.json"))
+    results = coco.loadRes(str(expected))
     monkeypatch.setattr(cocoevalcap, "Spice", StubSpice)
     reference = cocoevalcap.COCOEvalCap(coco, results)
     reference.params["image_id"] = results.getImgIds()
-    reference.evaluate()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        done = pool.submit(reference.evaluate)
+        out = tmp_path / "out"
+        scores = run(files, "glamm", out, glamm_fake(), batch_size=2)
+        done.result()
 
+    assert sorted(json.loads((out / "predictions.json").read_text()), key=lambda p: p["image_id"]) == \
+        json.loads(expected.read_text())
     assert sorted(results.getImgIds()) == GLAMM_SCORED
-    assert {p["image_id"]: p["caption"] for p in json.loads((out / "predictions.json").read_text())} == \
-        {rid: GLAMM_REGIONS[rid][3] for rid in GLAMM_SCORED}
     for ours, theirs in PAIRS.items():
         assert scores["scores"][ours] == pytest.approx(reference.eval[theirs], rel=1e-12, abs=1e-12), ours
     # not a trivial agreement on zeros
