@@ -50,7 +50,7 @@ def _open_image(file_name: str, roots: Sequence[Path]) -> Image.Image | tuple[st
     if path is None:
         return IMAGE_NOT_FOUND, f"{file_name} not found under {', '.join(str(r) for r in roots)}"
     try:
-        return load_image(path)
+        return load_image(path, exif_transpose=False)  # benchmark boxes were drawn on the stored pixels
     except InputError as err:
         return UNREADABLE_IMAGE, str(err)
 
