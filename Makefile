@@ -21,4 +21,4 @@ demo: venv
 	$(PY) demo.py
 
 shapes-model: venv
-	$(PY) -m click4caption.shapes.recipe
+	$(PY) -m click4caption_apps.shapes_recipe

@@ -19,7 +19,8 @@ import logging
 import os
 from pathlib import Path
 
-from click4caption.cli import default_config_path, pick_device, run_main, seed_everything, setup_logging
+from click4caption.paths import default_config_path
+from click4caption_apps.cli import pick_device, run_main, seed_everything, setup_logging
 from click4caption.config import load_config
 from click4caption.errors import ConfigError
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device, args.gpu_id)
 
     from click4caption.captioner import Captioner
-    from click4caption.demo_app import CSS, DemoModel, build_app, load_example_scenes
+    from click4caption_apps.demo_app import CSS, DemoModel, build_app, load_example_scenes
 
     logger.info("loading the model of %s on %s", cfg_path, device)
     captioner = Captioner.from_config(cfg, device=device)

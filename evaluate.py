@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import NoReturn
 
 # light imports only: the arguments and files are checked before torch & co. are imported
-from click4caption.cli import default_config_path, pick_device, run_main, seed_everything, setup_logging
+from click4caption.paths import default_config_path
+from click4caption_apps.cli import pick_device, run_main, seed_everything, setup_logging
 from click4caption.config import load_config
 from click4caption.errors import InputError
 
@@ -91,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_shapes(args: argparse.Namespace) -> int:
-    from click4caption.captioner import Captioner, GenerationSettings
+    from click4caption.captioner import Captioner
+    from click4caption.generation import GenerationSettings
     from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, evaluate_shapes
     from click4caption.shapes.scoring import format_table
 
@@ -148,7 +150,8 @@ def run_region_benchmark(args: argparse.Namespace, argv: list[str] | None) -> in
     if not ctx.is_main:
         logging.getLogger("click4caption").setLevel(logging.WARNING)
 
-    from click4caption.captioner import Captioner, GenerationSettings
+    from click4caption.captioner import Captioner
+    from click4caption.generation import GenerationSettings
 
     beams = {} if args.num_beams is None else {"num_beams": args.num_beams}
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, **beams)

@@ -16,15 +16,17 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from PIL import ImageDraw
 
 # light imports only: what the user gave is checked before torch & co. are imported
 from click4caption.boxes import normalize_box
-from click4caption.cli import default_config_path, pick_device, run_main, seed_everything, setup_logging
+from click4caption.paths import default_config_path
+from click4caption_apps.cli import pick_device, run_main, seed_everything, setup_logging
 from click4caption.config import load_config
 from click4caption.errors import Click4CaptionError, InputError
+from click4caption.generation import GenerationSettings
 from click4caption.images import load_image
 from click4caption.prompts import DESCRIBE_PROMPT, IMG_TOKEN, check_question
 
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
     from click4caption.captioner import Captioner
 
 logger = logging.getLogger("click4caption.inference")
+DEFAULTS = GenerationSettings()
+#: batch lines read, answered and written together (a crash loses at most one chunk)
+CHUNK_LINES = 64
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,10 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-id", type=int, default=None, help="GPU index (upstream); with CUDA the default is 0")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--options", nargs="+", default=None, help="config overrides, key=value (e.g. model.ckpt=x.pth)")
-    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--num_beams", type=int, default=DEFAULTS.num_beams)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
-    p.add_argument("--do_sample", action="store_true", help="sample (top-p 0.9) instead of greedy decoding")
-    p.add_argument("--max_new_tokens", type=int, default=300)
+    p.add_argument("--do_sample", action="store_true", help=f"sample (top-p {DEFAULTS.top_p}) instead of greedy decoding")
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--image_path", default=None)
     p.add_argument("--tl_x", type=float, default=-1, help="top-left x (-1: image border)")
@@ -61,16 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input_text", default=DESCRIBE_PROMPT, help=f"question; {IMG_TOKEN} marks the region")
     p.add_argument("--save_vis", default=None, metavar="PATH", help="write the image with the box drawn")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--batch_file", default=None, metavar="IN.jsonl")
-    p.add_argument("--output_file", default=None, metavar="OUT.jsonl")
+    p.add_argument("--batch_file", default=None, metavar="IN.jsonl",
+                   help="one JSON object per line: image, boxes, question (optional); runs under torchrun too")
+    p.add_argument("--output_file", default=None, metavar="OUT.jsonl",
+                   help="results in input order; a rerun resumes (lines already answered are kept)")
+    p.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size,
+                   help=f"questions generated together (default {DEFAULTS.batch_size}; halved on GPU out-of-memory)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.batch_file is None and args.image_path is None:
         p.error("give --image_path (one image) or --batch_file IN.jsonl")
     if args.batch_file is not None and args.output_file is None:
         p.error("--batch_file needs --output_file OUT.jsonl")
-    if args.num_beams < 1 or args.max_new_tokens < 1:
-        p.error("--num_beams and --max_new_tokens must be >= 1")
+    if args.num_beams < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--num_beams, --max_new_tokens and --batch_size must be >= 1")
     if args.do_sample and args.temperature <= 0:
         p.error("--temperature must be > 0 with --do_sample")
     return args
@@ -88,40 +97,68 @@ def draw_box(image, box, path: str) -> None:
     logger.info("image with the box drawn saved to %s", path)
 
 
-def run_batch(captioner: Captioner, in_path: str, out_path: str) -> int:
-    """Answer every line of ``in_path``; bad lines get an ``error`` field. Returns the
-    number of failed lines. Output is written line by line (nothing lost on a crash)."""
-    src = Path(in_path)
-    if not src.is_file():
-        raise InputError(f"batch file not found: {src}")
-    lines = src.read_text(encoding="utf-8").splitlines()
-    failed = 0
-    try:
-        out = open(out_path, "w", encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"cannot write --output_file {out_path}: {err}") from None
+def _same_input(record: dict[str, Any], item: Any, raw: str) -> bool:
+    """Whether an earlier run's output ``record`` answers this very line."""
+    if isinstance(item, dict):
+        return all(record.get(k) == v for k, v in item.items())
+    return record.get("input") == raw
+
+
+def run_batch(make_captioner: Callable[[], "Captioner"], in_path: str, out_path: str,
+              settings: GenerationSettings) -> int:
+    """Answer every line of ``in_path`` into ``out_path`` (input order; bad lines get an
+    ``error`` field, every result its 1-based ``line``). Lines are answered in chunks of
+    ``CHUNK_LINES``, all their questions batched together, and each chunk is written as
+    soon as it is done. Under ``torchrun`` each process takes its share of the lines;
+    rank 0 merges. A rerun keeps the lines already answered and does the rest.
+
+    Returns:
+        the number of lines with errors (in this process's share).
+    """
     from tqdm import tqdm
 
-    with out:
-        for n, line in enumerate(tqdm(lines, desc="batch", unit="line", disable=None), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                result = {"line": n, "input": line, "error": f"not valid JSON: {err.msg}"}
-            else:
-                try:
-                    result = captioner.run_item(item)
-                except Click4CaptionError as err:
-                    result = dict(item) if isinstance(item, dict) else {"input": item}
-                    result["error"] = str(err)
-            if "error" in result:
-                failed += 1
-                logger.warning("line %d: %s", n, result["error"])
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
-            out.flush()
-    logger.info("wrote %d results to %s (%d with errors)", len(lines), out_path, failed)
+    from click4caption import parallel
+
+    src = Path(in_path)
+    lines = [(n, line) for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1)
+             if line.strip()]
+    items: list[tuple[int, str, Any]] = []
+    for n, line in lines:
+        try:
+            items.append((n, line, json.loads(line)))
+        except json.JSONDecodeError as err:
+            items.append((n, line, err))
+    ctx = parallel.dist_context()
+    done = parallel.load_done(out_path, "line")
+    mine = [items[i] for i in parallel.shard(len(items), ctx.rank, ctx.world_size)]
+    todo = [(n, raw, item) for n, raw, item in mine
+            if not (str(n) in done and _same_input(done[str(n)], item, raw))]
+    if len(todo) < len(mine):
+        logger.info("%d of %d lines already answered in %s", len(mine) - len(todo), len(mine), out_path)
+    failed = 0
+    captioner = make_captioner() if todo else None
+    with parallel.PartialWriter(parallel.partial_path(out_path, ctx.rank)) as writer, \
+            tqdm(total=len(todo), desc="batch", unit="line", disable=None if ctx.is_main else True) as bar:
+        for start in range(0, len(todo), CHUNK_LINES):
+            chunk = todo[start:start + CHUNK_LINES]
+            good = [(n, item) for n, _, item in chunk if not isinstance(item, json.JSONDecodeError)]
+            answered = dict(zip([n for n, _ in good], captioner.run_items([item for _, item in good], settings)))
+            records = []
+            for n, raw, item in chunk:
+                if isinstance(item, json.JSONDecodeError):
+                    record = {"input": raw, "error": f"not valid JSON: {item.msg}"}
+                else:
+                    record = answered[n]
+                record = {"line": n, **record}
+                if "error" in record:
+                    failed += 1
+                    logger.warning("line %d: %s", n, record["error"])
+                records.append(record)
+            writer.write_many(records)
+            bar.update(len(chunk))
+    parallel.merge(out_path, [str(n) for n, _, _ in items], "line", ctx, keep_unknown=False)
+    if ctx.is_main:
+        logger.info("wrote %d results to %s", len(items), out_path)
     return failed
 
 
@@ -144,16 +181,26 @@ def main(argv: list[str] | None = None) -> int:
         for warning in box_warnings:
             logger.warning(warning)
 
-    from click4caption.captioner import Captioner, GenerationSettings, Region
+    from click4caption import parallel
+    from click4caption.captioner import Captioner, Region
 
     seed_everything(args.seed)
-    device = pick_device(args.device, args.gpu_id)
-    settings = GenerationSettings(num_beams=args.num_beams, temperature=args.temperature, do_sample=args.do_sample,
-                                  max_new_tokens=args.max_new_tokens)
-    captioner = Captioner.from_config(cfg, device=device, settings=settings)
+    settings = GenerationSettings(num_beams=args.num_beams, temperature=args.temperature if args.do_sample else 0.0,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     if args.batch_file is not None:
-        failed = run_batch(captioner, args.batch_file, args.output_file)
+        ctx = parallel.dist_context()
+        if not ctx.is_main:
+            logging.getLogger("click4caption").setLevel(logging.WARNING)
+        device = pick_device(args.device, args.gpu_id if ctx.world_size == 1 else ctx.local_rank)
+        ctx = parallel.init(ctx, device)
+        try:
+            failed = run_batch(lambda: Captioner.from_config(cfg, device=device, settings=settings),
+                               args.batch_file, args.output_file, settings)
+        finally:
+            parallel.cleanup(ctx)
         return 1 if failed else 0
+    device = pick_device(args.device, args.gpu_id)
+    captioner = Captioner.from_config(cfg, device=device, settings=settings)
     region = Region(image, box, box_warnings)
     answer = captioner.ask([region], args.input_text)
     if args.save_vis:

@@ -16,7 +16,7 @@ import argparse
 import logging
 import os
 
-from click4caption.cli import run_main, setup_logging
+from click4caption_apps.cli import run_main, setup_logging
 from click4caption.config import load_config
 from click4caption.training import run_training
 

@@ -1,7 +1,10 @@
-"""High-level inference API used by the CLI, the demo and the evaluator.
+"""High-level inference API used by the CLI, the demo and the evaluators.
 
-It takes images and boxes as users give them (original-image pixels, any corner
-order, ``-1`` for the border) and questions with ``[IMG]`` placeholders.
+It takes images and boxes as users give them (original-image pixels, any corner order,
+``-1`` for the border) and questions with ``[IMG]`` placeholders. Many regions are one
+batched job: one ViT pass per image, each image's boxes through the Q-Former as one
+batch, and the questions generated ``settings.batch_size`` at a time in one ``generate``
+call each (a batch that runs out of GPU memory is split and retried).
 """
 from __future__ import annotations
 
@@ -13,33 +16,15 @@ import torch
 from PIL import Image
 
 from click4caption.boxes import Box, normalize_box, to_model_pixels
+from click4caption.chat import Chat
+from click4caption.generation import GenerationSettings
 from click4caption.config import Config
-from click4caption.conversation import (
-    DESCRIBE_PROMPT, MAX_CONTEXT_TOKENS, MAX_NEW_TOKENS, TOP_P, Chat, Conversation, vicuna_v0,
-)
-from click4caption.errors import InputError
+from click4caption.errors import Click4CaptionError, InputError
 from click4caption.images import load_image
 from click4caption.processors import Blip2ImageEvalProcessor, build_processor
-from click4caption.prompts import check_question
+from click4caption.prompts import DESCRIBE_PROMPT, Conversation, check_question
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding settings. Greedy by default (``do_sample`` off), so answers repeat."""
-
-    num_beams: int = 1
-    temperature: float = 1.0
-    do_sample: bool = False
-    top_p: float = TOP_P
-    max_new_tokens: int = MAX_NEW_TOKENS
-    max_length: int = MAX_CONTEXT_TOKENS
-
-    def kwargs(self) -> dict[str, Any]:
-        return dict(num_beams=self.num_beams, temperature=self.temperature if self.do_sample else 0.0,
-                    do_sample=self.do_sample, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                    max_length=self.max_length)
 
 
 @dataclass
@@ -49,6 +34,14 @@ class Region:
     image: Image.Image
     box: Box
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Question:
+    """A conversation whose last turn is a question waiting for its answer."""
+
+    conv: Conversation
+    img_list: list[torch.Tensor]
 
 
 class Captioner:
@@ -84,6 +77,9 @@ class Captioner:
     def image_size(self) -> int:
         return self.model.img_size
 
+    def new_conversation(self) -> Conversation:
+        return self.chat.new_conversation()
+
     # ---------------------------------------------------------------- regions
     @staticmethod
     def region(image: Image.Image | str, box: Sequence[float]) -> Region:
@@ -96,7 +92,8 @@ class Captioner:
         return Region(image, norm, warnings)
 
     def encode_regions(self, regions: Sequence[Region]) -> list[torch.Tensor]:
-        """Soft tokens per region (``1xQxE`` each); one ViT pass per distinct image."""
+        """Soft tokens per region (``1xQxE`` each): one ViT pass and one Q-Former batch per
+        distinct image."""
         out: list[torch.Tensor | None] = [None] * len(regions)
         by_image: dict[int, list[int]] = {}
         for i, r in enumerate(regions):
@@ -109,51 +106,143 @@ class Captioner:
                 out[i] = soft[j:j + 1]
         return out  # type: ignore[return-value]
 
-    # ---------------------------------------------------------------- asking
-    def ask(self, regions: Sequence[Region], question: str, conv: Conversation | None = None,
-            img_list: list[torch.Tensor] | None = None, settings: GenerationSettings | None = None) -> str:
-        """One question about ``regions`` (one ``[IMG]`` each, in order)."""
-        check_question(question, len(regions))
-        conv = conv if conv is not None else self.chat.new_conversation()
+    # ---------------------------------------------------------------- answering
+    def answer_all(self, questions: Sequence[Question], settings: GenerationSettings | None = None
+                   ) -> list[str | Click4CaptionError]:
+        """Answer every question, ``settings.batch_size`` in one ``generate`` call (similar
+        prompt lengths together); each answer is stored in its conversation. A batch out of
+        GPU memory is split and retried; a question that does not fit alone gets its error
+        in its place, the others are still answered."""
+        s = settings or self.settings
+        if s.batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {s.batch_size}")
+        order = sorted(range(len(questions)), key=lambda i: -len(questions[i].conv.get_prompt()))
+        answers: list[str | Click4CaptionError] = [""] * len(questions)
+        for start in range(0, len(order), s.batch_size):
+            chunk = order[start:start + s.batch_size]
+            for i, answer in zip(chunk, self._answer_splitting([questions[i] for i in chunk], s)):
+                answers[i] = answer
+        return answers
+
+    def _answer_splitting(self, questions: Sequence[Question], settings: GenerationSettings
+                          ) -> list[str | Click4CaptionError]:
+        try:
+            done = self.chat.answer_batch([q.conv for q in questions], [q.img_list for q in questions], settings)
+            return [reply for reply, _ in done]
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(questions) == 1:
+                return [InputError(f"out of GPU memory answering one question of {settings.max_new_tokens} new "
+                                   "tokens at most: lower --max_new_tokens or the number of regions")]
+            half = len(questions) // 2
+            logger.warning("out of GPU memory generating %d answers at once: retrying as %d and %d",
+                           len(questions), half, len(questions) - half)
+            return (self._answer_splitting(questions[:half], settings)
+                    + self._answer_splitting(questions[half:], settings))
+
+    def question(self, regions: Sequence[Region], text: str, conv: Conversation | None = None,
+                 img_list: list[torch.Tensor] | None = None) -> Question:
+        """``text`` (one ``[IMG]`` per region, in order) asked after ``conv``, the regions encoded.
+
+        Raises:
+            InputError: an empty question or the wrong number of placeholders.
+        """
+        check_question(text, len(regions))
+        conv = conv if conv is not None else self.new_conversation()
         img_list = img_list if img_list is not None else []
         img_list.extend(self.encode_regions(regions))
-        self.chat.ask(question, conv)
-        reply, _ = self.chat.answer(conv, img_list, **(settings or self.settings).kwargs())
-        return reply
+        self.chat.ask(text, conv)
+        return Question(conv, img_list)
+
+    def ask(self, regions: Sequence[Region], question: str, conv: Conversation | None = None,
+            img_list: list[torch.Tensor] | None = None, settings: GenerationSettings | None = None) -> str:
+        """One question about ``regions`` (one ``[IMG]`` each, in order), after ``conv``."""
+        answer = self.answer_all([self.question(regions, question, conv, img_list)], settings)[0]
+        if isinstance(answer, Click4CaptionError):
+            raise answer
+        return answer
 
     def describe(self, image: Image.Image | str, boxes: Sequence[Sequence[float]],
                  settings: GenerationSettings | None = None) -> list[str]:
-        """The Describe question for each box of one image (one ViT pass)."""
+        """The Describe question for each box of one image (one ViT pass, batched)."""
         if isinstance(image, str):
             image = load_image(image)
         return self.describe_regions([self.region(image, b) for b in boxes], settings)
 
     def describe_regions(self, regions: Sequence[Region], settings: GenerationSettings | None = None) -> list[str]:
-        """The Describe question for each region, each in its own conversation."""
-        captions = []
-        for soft in self.encode_regions(regions):
-            conv = self.chat.new_conversation()
-            self.chat.ask(DESCRIBE_PROMPT, conv)
-            reply, _ = self.chat.answer(conv, [soft], **(settings or self.settings).kwargs())
-            captions.append(reply)
-        return captions
+        """The Describe question for each region, each in its own conversation, generated
+        in batches; the regions may come from several images.
+
+        Raises:
+            Click4CaptionError: a region could not be described (out of memory alone).
+        """
+        questions = [Question(self.new_conversation(), [soft]) for soft in self.encode_regions(regions)]
+        for q in questions:
+            self.chat.ask(DESCRIBE_PROMPT, q.conv)
+        answers = self.answer_all(questions, settings)
+        for answer in answers:
+            if isinstance(answer, Click4CaptionError):
+                raise answer
+        return answers  # type: ignore[return-value]
 
     def stream(self, conv: Conversation, img_list: list[torch.Tensor], settings: GenerationSettings | None = None
                ) -> Iterator[str]:
         """Stream the reply to the last question in ``conv``."""
-        s = settings or self.settings
-        temperature = s.temperature if s.do_sample else 0.0
-        yield from self.chat.stream_answer(conv, img_list, max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
-                                           temperature=temperature, top_p=s.top_p, max_length=s.max_length)
+        yield from self.chat.stream_answer(conv, img_list, settings or self.settings)
 
-    # ---------------------------------------------------------------- batch
-    def run_item(self, item: dict[str, Any]) -> dict[str, Any]:
-        """One batch line: ``{"image", "boxes", "question"?}`` -> the line plus ``answer``
-        (or ``captions`` without a question), ``warnings`` when boxes were fixed up.
+    # ---------------------------------------------------------------- batch files
+    def run_items(self, items: Sequence[Any], settings: GenerationSettings | None = None) -> list[dict[str, Any]]:
+        """Batch lines ``{"image", "boxes", "question"?}`` -> each line plus ``answer`` (or
+        ``captions`` without a question), ``warnings`` when boxes were fixed up, or
+        ``error`` for a bad line. Every question and box of every line is generated
+        together, in batches."""
+        results: list[dict[str, Any]] = []
+        questions: list[Question] = []
+        slots: list[tuple[int, int | None]] = []  # (line, caption index or None for an answer)
+        images: dict[str, Image.Image] = {}
+        for n, item in enumerate(items):
+            try:
+                result, regions = self._parse_item(item, images)
+                if "question" in result and result["question"] is not None:
+                    questions.append(self.question(regions, result["question"]))
+                    slots.append((n, None))
+                else:
+                    result["captions"] = [""] * len(regions)
+                    for j, soft in enumerate(self.encode_regions(regions)):
+                        q = Question(self.new_conversation(), [soft])
+                        self.chat.ask(DESCRIBE_PROMPT, q.conv)
+                        questions.append(q)
+                        slots.append((n, j))
+            except Click4CaptionError as err:
+                result = dict(item) if isinstance(item, dict) else {"input": item}
+                result["error"] = str(err)
+            results.append(result)
+        for (n, j), answer in zip(slots, self.answer_all(questions, settings)):
+            if isinstance(answer, Click4CaptionError):
+                results[n]["error"] = str(answer)
+            elif j is None:
+                results[n]["answer"] = answer
+            else:
+                results[n]["captions"][j] = answer
+        for result in results:
+            if "error" in result:
+                result.pop("captions", None)
+                result.pop("answer", None)
+        return results
+
+    def run_item(self, item: dict[str, Any], settings: GenerationSettings | None = None) -> dict[str, Any]:
+        """One batch line (see :meth:`run_items`).
 
         Raises:
-            InputError / Click4CaptionError: for a bad line (the caller records it).
+            InputError / Click4CaptionError: for a bad line.
         """
+        result = self.run_items([item], settings)[0]
+        if "error" in result:
+            raise InputError(result["error"])
+        return result
+
+    def _parse_item(self, item: Any, images: dict[str, Image.Image]) -> tuple[dict[str, Any], list[Region]]:
         if not isinstance(item, dict):
             raise InputError("each line must be a JSON object")
         if "image" not in item or not isinstance(item["image"], str):
@@ -161,14 +250,12 @@ class Captioner:
         boxes = item.get("boxes")
         if not isinstance(boxes, list) or not boxes:
             raise InputError("\"boxes\" must be a non-empty list of [x1, y1, x2, y2]")
-        image = load_image(item["image"])
+        if item["image"] not in images:
+            images[item["image"]] = load_image(item["image"])
+        image = images[item["image"]]
         regions = [self.region(image, b) for b in boxes]
-        out = dict(item)
+        result = dict(item)
         warnings = [w for r in regions for w in r.warnings]
-        if "question" in item and item["question"] is not None:
-            out["answer"] = self.ask(regions, item["question"])
-        else:
-            out["captions"] = self.describe_regions(regions)
         if warnings:
-            out["warnings"] = warnings
-        return out
+            result["warnings"] = warnings
+        return result, regions

@@ -265,13 +265,15 @@ class PartialWriter:
             self._file = None
 
 
-def merge(output: str | Path, order: Sequence[str], key_field: str, ctx: DistContext) -> dict[str, dict[str, Any]] | None:
+def merge(output: str | Path, order: Sequence[str], key_field: str, ctx: DistContext,
+          keep_unknown: bool = True) -> dict[str, dict[str, Any]] | None:
     """Rank 0 writes every record known for ``output`` (its previous content plus all
     partial files) into ``output`` in input order, then removes the partial files.
 
     Call it on every rank after the work (it starts with a barrier). Records whose key is
     not in ``order`` (from a run with other inputs or a larger ``--limit``) are kept after
-    the others, in their previous order. The file is replaced atomically.
+    the others, in their previous order, unless ``keep_unknown`` is False. The file is
+    replaced atomically.
 
     Args:
         output: the merged JSON-lines file.
@@ -289,7 +291,7 @@ def merge(output: str | Path, order: Sequence[str], key_field: str, ctx: DistCon
     done = load_done(output, key_field)
     position = {key: i for i, key in enumerate(order)}
     known = sorted((k for k in done if k in position), key=position.__getitem__)
-    extra = [k for k in done if k not in position]
+    extra = [k for k in done if k not in position] if keep_unknown else []
     tmp = output.with_name(output.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for key in known + extra:

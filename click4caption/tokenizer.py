@@ -42,12 +42,20 @@ class TextTokenizer(Protocol):
         """Token ids of ``text``; ``add_bos`` prepends BOS (what ``add_special_tokens=True`` did)."""
         ...
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
-        """Text of ``ids`` (``kwargs`` are accepted for transformers' streamers and ignored)."""
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
+        """Text of ``ids`` (one id or several; ``kwargs`` are accepted for transformers'
+        streamers and ignored)."""
         ...
 
     def __len__(self) -> int:
         ...
+
+
+def _id_list(ids: int | Iterable[int]) -> list[int]:
+    """One id or several (a list, a tensor row) -> a list of ints."""
+    if isinstance(ids, int) or getattr(ids, "ndim", 1) == 0:
+        return [int(ids)]  # type: ignore[arg-type]
+    return [int(i) for i in ids]  # type: ignore[union-attr]
 
 
 def _token_content(value: Any) -> str | None:
@@ -156,11 +164,11 @@ class SentencePieceTokenizer:
             ids.append(self.eos_token_id)
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
         """SentencePiece's decoding of the ids (special ones dropped when asked)."""
         out: list[str] = []
         run: list[int] = []
-        for token_id in (int(i) for i in ids):
+        for token_id in _id_list(ids):
             if token_id in self.special_ids and skip_special_tokens:
                 continue
             if token_id in self._id_to_added:
@@ -193,8 +201,8 @@ class HFTokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         return list(self.hf(text, add_special_tokens=add_bos).input_ids)
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
+        return self.hf.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
 
 
 def load_tokenizer(folder: str | Path) -> TextTokenizer:

@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from click4caption.cli import default_config_path
-from click4caption.demo_app import display_scale
+from click4caption.paths import default_config_path
+from click4caption_apps.demo_app import display_scale
 
 pytestmark = pytest.mark.slow
 

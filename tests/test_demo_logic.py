@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from click4caption.demo_app import (
+from click4caption_apps.demo_app import (
     EXAMPLES_DIR,
     ClickState,
     Session,
@@ -28,7 +28,7 @@ from click4caption.demo_app import (
     to_image_point,
     write_example_scenes,
 )
-from click4caption.conversation import DESCRIBE_PROMPT, vicuna_v0
+from click4caption.prompts import DESCRIBE_PROMPT, vicuna_v0
 from click4caption.errors import InputError
 
 
@@ -176,9 +176,10 @@ def test_session_canvas_shows_first_click_then_box():
 # ----------------------------------------------------------------------------- settings
 def test_settings_from_controls():
     greedy = settings_from_controls(1, 0, 300)
-    assert not greedy.do_sample and greedy.kwargs()["temperature"] == 0.0 and greedy.max_new_tokens == 300
+    assert not greedy.do_sample and greedy.generate_kwargs()["do_sample"] is False and greedy.max_new_tokens == 300
     sampled = settings_from_controls(2, 0.7, 50)
     assert sampled.do_sample and sampled.temperature == pytest.approx(0.7) and sampled.num_beams == 2
+    assert sampled.generate_kwargs()["temperature"] == pytest.approx(0.7)
     for bad in [(0, 0, 300), (1, -1, 300), (1, 0, 0), (1, float("nan"), 300), ("x", 0, 3)]:
         with pytest.raises(InputError):
             settings_from_controls(*bad)
@@ -215,7 +216,7 @@ def test_write_and_load_example_scenes(tmp_path: Path):
 def demo_model(tiny_files):
     from click4caption.captioner import Captioner
     from click4caption.config import load_config
-    from click4caption.demo_app import DemoModel
+    from click4caption_apps.demo_app import DemoModel
 
     return DemoModel(Captioner.from_config(load_config(tiny_files["yaml"])), name="tiny")
 
@@ -276,8 +277,7 @@ def test_placeholder_mismatch_and_full_context_are_user_errors(demo_model):
         _run(demo_model.stream_turn(vicuna_v0(), [], [region], "What?", settings_from_controls(1, 0, 8)))
     with pytest.raises(InputError, match="no new region"):
         _run(demo_model.stream_turn(vicuna_v0(), [], [], "image[IMG] What?", settings_from_controls(1, 0, 8)))
-    full = settings_from_controls(1, 0, 8)
-    full.max_length = 20  # the prompt alone is longer than this
+    full = settings_from_controls(1, 0, 8).replace(max_length=20)  # the prompt alone is longer than this
     with pytest.raises(InputError, match="conversation is full"):
         _run(demo_model.stream_turn(vicuna_v0(), [], [region], "image[IMG] What?", full))
     assert not demo_model.lock.locked()
@@ -286,7 +286,7 @@ def test_placeholder_mismatch_and_full_context_are_user_errors(demo_model):
 def test_build_app_makes_the_blocks(demo_model, tmp_path: Path):
     import gradio as gr
 
-    from click4caption.demo_app import ThumbStore, build_app
+    from click4caption_apps.demo_app import ThumbStore, build_app
 
     app = build_app(demo_model, load_example_scenes(EXAMPLES_DIR), ThumbStore(tmp_path))
     assert isinstance(app, gr.Blocks)
@@ -297,7 +297,17 @@ def test_build_app_makes_the_blocks(demo_model, tmp_path: Path):
     assert Path(path).is_file() and ThumbStore(tmp_path).save(Image.new("RGB", (4, 4))) == path
 
 
-def test_placeholder_token_matches_the_library():
-    from click4caption import conversation, demo_app
+@pytest.mark.parametrize("before,new", [(0, 1), (0, 3), (2, 1), (1, 2)])
+def test_inserted_placeholders_are_what_the_engine_splices(before: int, new: int):
+    """The demo's inserted ``[IMG]`` prefix passes the library's check and gives the chat
+    engine exactly one gap per new region, numbered after the regions already asked about."""
+    from click4caption.prompts import IMG_TOKEN, check_question, vicuna_v0
 
-    assert demo_app.IMG_TOKEN == conversation.IMG_TOKEN
+    prompt, note = prepare_question("Are they the same color?", new, before)
+    assert check_question(prompt, new) == prompt and note is not None
+    conv = vicuna_v0()
+    conv.append_message(conv.roles[0], prompt)
+    assert len(conv.get_prompt().split(IMG_TOKEN)) == new + 1
+    total = before + new
+    names = [f"image {before + i + 1}" if total > 1 else "image" for i in range(new)]
+    assert prompt == "".join(f"{name}{IMG_TOKEN} " for name in names) + "Are they the same color?"

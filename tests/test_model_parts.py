@@ -17,7 +17,8 @@ from PIL import Image
 
 from click4caption.boxes import normalize_box, to_model_pixels
 from click4caption.config import QFormerSize
-from click4caption.conversation import Chat, StopOnText, extract_reply, vicuna_v0
+from click4caption.chat import Chat, GenerationSettings, StopOnText
+from click4caption.prompts import extract_reply, vicuna_v0
 from click4caption.errors import ConfigError, InputError
 from click4caption.images import MAX_IMAGE_PIXELS, load_image, to_rgb
 from click4caption.models.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
@@ -319,14 +320,14 @@ def test_context_is_capped_with_a_warning(tiny_model, monkeypatch, caplog) -> No
     full = chat.get_context_emb(open_turn, [soft])
 
     with caplog.at_level(logging.WARNING, logger="click4caption"):
-        reply, _ = chat.answer(asked(chat, "image[IMG] What is it?"), [soft], max_new_tokens=5,
-                               max_length=full.shape[1] + 5, do_sample=False)
+        reply, _ = chat.answer(asked(chat, "image[IMG] What is it?"), [soft],
+                               GenerationSettings(max_new_tokens=5, max_length=full.shape[1] + 5))
     assert reply == "A red circle."
     assert spy.kwargs["inputs_embeds"].shape[1] == full.shape[1]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
     with caplog.at_level(logging.WARNING, logger="click4caption"):
-        chat.answer(asked(chat, "image[IMG] What is it?"), [soft], max_new_tokens=5, max_length=12, do_sample=False)
+        chat.answer(asked(chat, "image[IMG] What is it?"), [soft], GenerationSettings(max_new_tokens=5, max_length=12))
     kept = spy.kwargs["inputs_embeds"]
     assert kept.shape[1] == 12 - 5  # the oldest tokens are dropped
     assert torch.equal(kept, full[:, -7:])
@@ -338,10 +339,10 @@ def test_context_is_capped_with_a_warning(tiny_model, monkeypatch, caplog) -> No
 def test_generation_settings_reach_generate(tiny_model, monkeypatch) -> None:
     chat, spy, soft = chat_with_spy(tiny_model, monkeypatch, "Yes.###")
     tok = tiny_model.llama_tokenizer
-    chat.answer(asked(chat, "image[IMG] Is it red?"), [soft], do_sample=False, num_beams=2, max_new_tokens=7)
+    chat.answer(asked(chat, "image[IMG] Is it red?"), [soft], GenerationSettings(num_beams=2, max_new_tokens=7))
     assert spy.kwargs["do_sample"] is False and spy.kwargs["num_beams"] == 2 and spy.kwargs["max_new_tokens"] == 7
     assert spy.kwargs["pad_token_id"] == tok.pad_token_id and spy.kwargs["eos_token_id"] == tok.eos_token_id
-    chat.answer(asked(chat, "image[IMG] Is it red?"), [soft], temperature=0.7)  # upstream: sampling, top-p 0.9
+    chat.answer(asked(chat, "image[IMG] Is it red?"), [soft], GenerationSettings(temperature=0.7))  # top-p 0.9
     assert spy.kwargs["do_sample"] is True and spy.kwargs["top_p"] == 0.9 and spy.kwargs["temperature"] == 0.7
 
 

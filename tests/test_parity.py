@@ -482,7 +482,7 @@ def ref_reply(tok, tokens: list[int]) -> str:
 
 
 def test_prompt_text_matches() -> None:
-    from click4caption.conversation import vicuna_v0
+    from click4caption.prompts import vicuna_v0
 
     conv = vicuna_v0()
     conv.append_message(conv.roles[0], "image[IMG] What is it?")
@@ -500,7 +500,8 @@ def test_prompt_text_matches() -> None:
 @torch.no_grad()
 def test_greedy_tokens_match_for_every_box(upstream: Upstream, inputs) -> None:
     """Describe-style single questions, one per box: the same greedy tokens and reply."""
-    from click4caption.conversation import Chat, vicuna_v0
+    from click4caption.chat import Chat, GenerationSettings
+    from click4caption.prompts import vicuna_v0
 
     image, boxes = inputs
     tok = upstream.tok
@@ -513,12 +514,12 @@ def test_greedy_tokens_match_for_every_box(upstream: Upstream, inputs) -> None:
             conv = vicuna_v0()
             chat.ask(question, conv)
             reply, tokens = chat.answer(conv, [chat.encode_boxes(image[b], boxes[b, r:r + 1])],
-                                        max_new_tokens=max_new, do_sample=False)
+                                        GenerationSettings(max_new_tokens=max_new))
             soft, _ = ref_soft_tokens(upstream.vit, upstream.sd, image[b:b + 1], boxes[b:b + 1, r:r + 1],
                                       upstream.variant)
             ref = ref_greedy(upstream.llm, tok, ref_prompt([("Human", question), ("Assistant", None)]), [soft],
                              max_new)
-            assert list(tokens) == ref, f"box {b},{r}"
+            assert tokens.tolist() == ref, f"box {b},{r}"
             assert reply == ref_reply(tok, ref)
             assert conv.messages[-1] == ["Assistant", reply]
             ref_runs.append(ref)
@@ -530,7 +531,8 @@ def test_greedy_tokens_match_for_every_box(upstream: Upstream, inputs) -> None:
 
 @torch.no_grad()
 def test_two_turn_conversation_matches(upstream: Upstream, inputs) -> None:
-    from click4caption.conversation import Chat, vicuna_v0
+    from click4caption.chat import Chat, GenerationSettings
+    from click4caption.prompts import vicuna_v0
 
     image, boxes = inputs
     model, tok = upstream.model, upstream.tok
@@ -539,21 +541,21 @@ def test_two_turn_conversation_matches(upstream: Upstream, inputs) -> None:
     img_list = [chat.encode_boxes(image[0], boxes[0, :1])]
     q1 = "image[IMG] What is it?"
     chat.ask(q1, conv)
-    reply1, tokens1 = chat.answer(conv, img_list, max_new_tokens=6, do_sample=False)
+    reply1, tokens1 = chat.answer(conv, img_list, GenerationSettings(max_new_tokens=6))
 
     ref_soft, _ = ref_soft_tokens(upstream.vit, upstream.sd, image[:1], boxes[:1, :1], upstream.variant)
     prompt1 = ref_prompt([("Human", q1), ("Assistant", None)])
     ref_tokens1 = ref_greedy(upstream.llm, tok, prompt1, [ref_soft], 6)
-    assert list(tokens1) == ref_tokens1
+    assert tokens1.tolist() == ref_tokens1
     assert reply1 == ref_reply(tok, ref_tokens1)
 
     # a second turn with a second region: the whole history goes in, replies included
     img_list.append(chat.encode_boxes(image[1], boxes[1, 2:3]))
     q2 = "image 2[IMG] Is it red?"
     chat.ask(q2, conv)
-    _, tokens2 = chat.answer(conv, img_list, max_new_tokens=5, do_sample=False)
+    _, tokens2 = chat.answer(conv, img_list, GenerationSettings(max_new_tokens=5))
     turns = [("Human", q1), ("Assistant", reply1), ("Human", q2), ("Assistant", None)]
     assert conv.messages[:3] == [list(t) for t in turns[:3]]
     ref_soft2, _ = ref_soft_tokens(upstream.vit, upstream.sd, image[1:], boxes[1:, 2:3], upstream.variant)
     ref_tokens2 = ref_greedy(upstream.llm, tok, ref_prompt(turns), [ref_soft, ref_soft2], 5)
-    assert list(tokens2) == ref_tokens2
+    assert tokens2.tolist() == ref_tokens2

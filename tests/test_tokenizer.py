@@ -120,6 +120,9 @@ def test_decode_is_sentencepiece(sp_folder: Path, sp, pad_id: int) -> None:
     assert tok.decode(run) == sp.decode(run) and tok.decode(run).endswith("A")
     for text in ODD_TEXTS:
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)) == text
+    # one id, as transformers' streamers pass it
+    one = sp.encode("circle")[-1]
+    assert tok.decode(one) == tok.decode([one]) == tok.decode(torch.tensor(one)) == sp.decode([one])
 
 
 def test_a_tokenizer_json_folder_keeps_working(tiny_files: dict[str, Path]) -> None:
@@ -127,12 +130,13 @@ def test_a_tokenizer_json_folder_keeps_working(tiny_files: dict[str, Path]) -> N
     assert isinstance(tok, HFTokenizer)
     ids = tok.encode("A large red circle.###", add_bos=True)
     assert ids[0] == tok.bos_token_id and tok.decode(ids) == "A large red circle.###"
+    assert tok.decode(ids[2]) == tok.decode([ids[2]]) == tok.decode(torch.tensor(ids[2])) != ""
 
 
 # --------------------------------------------------------------------------- the project's prompts
 def chat_segments(sp_model, question_turns: list[tuple[str, str | None]], regions: int) -> list[list[int]]:
     """The token ids of every text segment the chat engine embeds for a conversation."""
-    from click4caption.conversation import Chat
+    from click4caption.chat import Chat
 
     chat = Chat(sp_model, vis_processor=None, device="cpu")
     conv = chat.new_conversation()

@@ -230,7 +230,7 @@ def test_shipped_config_builds_the_recipe_on_real_layouts(setup_dir: Path) -> No
 def test_cli_errors_are_one_line(setup_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sys.path.insert(0, str(REPO_ROOT))
     import train as train_app
-    from click4caption.cli import run_main
+    from click4caption_apps.cli import run_main
 
     # a dataset whose every image is broken, found out in a loader worker during training
     broken = tmp_path / "vg"

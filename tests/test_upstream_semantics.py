@@ -112,7 +112,7 @@ def test_bad_training_prompts_are_config_errors(tmp_path: Path, text, template: 
 
 # --------------------------------------------------------------------------- one end_sym
 def test_end_sym_is_one_value_for_training_and_inference(model) -> None:
-    from click4caption.conversation import Chat, StopOnText
+    from click4caption.chat import Chat, GenerationSettings, StopOnText
 
     old = model.end_sym
     model.end_sym = "."  # a word-level piece of the tiny tokenizer
@@ -122,9 +122,8 @@ def test_end_sym_is_one_value_for_training_and_inference(model) -> None:
         conv.append_message(conv.roles[0], "image[IMG] What is it?")
         conv.append_message(conv.roles[1], None)
         assert conv.get_prompt() == ". Human: image[IMG] What is it?\n. Assistant:"
-        kwargs = chat._generation_inputs(conv, [torch.zeros(1, model.num_query_token,
-                                                            model.llama_model.config.hidden_size)],
-                                         5, 1, 0.0, False, 0.9, 2000)
+        context = torch.zeros(7, model.llama_model.config.hidden_size)
+        kwargs = chat._generate_kwargs([context], GenerationSettings(max_new_tokens=5))
         stops = [c for c in kwargs["stopping_criteria"] if isinstance(c, StopOnText)]
         assert [c.stop for c in stops] == ["."]
         turns = [{"from": "human", "value": "image[IMG] What color is it?"}, {"from": "gpt", "value": "Red"}]

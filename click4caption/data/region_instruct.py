@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from click4caption.config import DatasetConfig
-from click4caption.conversation import IMG_TOKEN
+from click4caption.prompts import IMG_TOKEN
 from click4caption.data.base import (
     DataError, MapSource, SkipSample, StringTable, build_box_safe_vis_processor, check_storage,
     load_held_out_ids, log_filtered, read_json, stack_images,

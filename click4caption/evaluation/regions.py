@@ -26,7 +26,8 @@ from click4caption.parallel import DistContext, PartialWriter, barrier, load_don
 if TYPE_CHECKING:
     from PIL import Image
 
-    from click4caption.captioner import GenerationSettings, Region
+    from click4caption.captioner import Region
+    from click4caption.generation import GenerationSettings
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from click4caption.shapes.scoring import make_eval_items, score
 logger = logging.getLogger(__name__)
 
 # evaluation scenes come from this seed unless told otherwise; the training data uses
-# seed 0 on other generator streams (click4caption/shapes/recipe.py)
+# seed 0 on other generator streams (click4caption_apps/shapes_recipe.py)
 DEFAULT_EVAL_SEED = 20261128
 
 

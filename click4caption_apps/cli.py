@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from click4caption.errors import Click4CaptionError
@@ -17,9 +16,6 @@ if TYPE_CHECKING:
 # torch and numpy are imported inside the functions that need them: the apps check their
 # arguments (files, boxes, questions) first and report mistakes without the slow imports.
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# the shipped shapes model, used when no --cfg-path is given
-DEFAULT_EVAL_CONFIG = "eval_configs/shapes_eval.yaml"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -37,12 +33,6 @@ def setup_logging(verbose: bool = False) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def default_config_path() -> str:
-    """The shipped model's eval config, found from any working directory."""
-    local = Path(DEFAULT_EVAL_CONFIG)
-    return str(local if local.exists() else PROJECT_ROOT / DEFAULT_EVAL_CONFIG)
 
 
 def pick_device(device: str | None, gpu_id: int | None = None) -> torch.device:

@@ -1,6 +1,6 @@
 """One command that rebuilds the shipped shapes model from scratch.
 
-``python -m click4caption.shapes.recipe`` (also ``make shapes-model``):
+``python -m click4caption_apps.shapes_recipe`` (also ``make shapes-model``):
 
 1. draws the training data (seed 0) in the real formats: a Visual Genome folder,
    LAION webdataset shards and region-instruction JSON (``data/shapes/``);
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from click4caption.cli import PROJECT_ROOT, pick_device, run_main, setup_logging
+from click4caption.paths import PROJECT_ROOT
+from click4caption_apps.cli import pick_device, run_main, setup_logging
 from click4caption.config import Config, load_config
 from click4caption.shapes.tokenizer import build_shapes_tokenizer
 from click4caption.shapes.writers import write_shapes_dataset
@@ -65,9 +66,11 @@ def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
     included) and the other parts as ``{'model': state_dict}``."""
     from click4caption.models.builder import build_model
     from click4caption.training.checkpointing import load_checkpoint
+    from click4caption.training.freezing import frozen_parts
 
     state = load_checkpoint(checkpoint)["model"]
     model = build_model(cfg.model, device="cpu", for_training=True)
+    model.freeze(frozen_parts(cfg.model))  # what the trainer trained (and saved)
     result = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(result.missing_keys) & trainable)
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         last = result.last_checkpoint
     sizes = export(cfg, last, model_dir)
 
-    from click4caption.captioner import Captioner, GenerationSettings
+    from click4caption.captioner import Captioner
+    from click4caption.generation import GenerationSettings
     from click4caption.shapes.scoring import format_table
     from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, evaluate_shapes
 
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (model_dir / "REPORT.json").write_text(json.dumps(report, indent=2))
     (model_dir / "REPORT.md").write_text(
-        f"# Shipped shapes model\n\nRebuilt with `python -m click4caption.shapes.recipe` on {device} "
+        f"# Shipped shapes model\n\nRebuilt with `python -m click4caption_apps.shapes_recipe` on {device} "
         f"({torch.get_num_threads()} threads): data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, "
         f"evaluation {timings['eval_s']:.0f} s.\n\n{sizes['params']:,} parameters, {sizes['bytes'] / 1e6:.1f} MB.\n\n"
         f"Evaluated on {args.eval_scenes} fresh scenes (seed {DEFAULT_EVAL_SEED}):\n\n{table}\n")

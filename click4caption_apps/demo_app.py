@@ -19,7 +19,7 @@ Layout of this module:
 
 Regenerate the example scenes with::
 
-    python -c "from click4caption.demo_app import write_example_scenes; write_example_scenes()"
+    python -c "from click4caption_apps.demo_app import write_example_scenes; write_example_scenes()"
 """
 
 import atexit
@@ -38,20 +38,20 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from click4caption.boxes import Box
-from click4caption.cli import PROJECT_ROOT
 from click4caption.errors import Click4CaptionError, InputError
+from click4caption.generation import GenerationSettings
 from click4caption.prompts import IMG_TOKEN
 
 if TYPE_CHECKING:  # gradio and torch are imported lazily: the pure helpers need neither
     import gradio as gr
     import torch
 
-    from click4caption.captioner import Captioner, GenerationSettings
-    from click4caption.conversation import Conversation
+    from click4caption.captioner import Captioner
+    from click4caption.prompts import Conversation
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_DIR = PROJECT_ROOT / "assets" / "examples"
+from click4caption.paths import EXAMPLES_DIR
 EXAMPLE_SEED = 2024
 NUM_EXAMPLES = 5
 THUMB_SIDE = 96
@@ -349,15 +349,6 @@ class DemoModel:
     def cache_misses(self) -> int:
         return self.captioner.chat.cache_misses
 
-    def context_tokens(self, conv: "Conversation", img_list: Sequence["torch.Tensor"]) -> int:
-        """Prompt length in LLM tokens (text plus soft tokens) with the open assistant turn."""
-        import torch
-
-        probe = conv.copy()
-        probe.append_message(probe.roles[1], None)
-        with torch.no_grad():
-            return int(self.captioner.chat.get_context_emb(probe, img_list).shape[1])
-
     def stream_turn(self, conv: "Conversation", img_list: Sequence["torch.Tensor"], regions: Sequence[Any],
                     prompt: str, settings: "GenerationSettings") -> Iterator[tuple[str, Turn]]:
         """Encode ``regions``, ask ``prompt`` (one ``[IMG]`` per region) after ``conv`` and
@@ -366,14 +357,14 @@ class DemoModel:
         Raises:
             InputError: placeholder count, or the conversation no longer fits the context.
         """
-        from click4caption.captioner import check_question
+        from click4caption.prompts import check_question
 
         check_question(prompt, len(regions)) if regions else _check_no_placeholder(prompt)
         with self.lock:
             soft = self.captioner.encode_regions(regions) if regions else []
             turn = Turn(conv.copy(), list(img_list) + list(soft))
             self.captioner.chat.ask(prompt, turn.conv)
-            used = self.context_tokens(turn.conv, turn.img_list)
+            used = self.captioner.chat.context_length(turn.conv, turn.img_list)
             if used + settings.max_new_tokens > settings.max_length:
                 raise InputError(
                     f"the conversation is full: {used} tokens plus {settings.max_new_tokens} new ones exceed the "
@@ -396,8 +387,6 @@ def settings_from_controls(num_beams: Any, temperature: Any, max_new_tokens: Any
     Raises:
         InputError: a value out of the UI's range (possible through the API).
     """
-    from click4caption.captioner import GenerationSettings
-
     try:
         beams, temp, new = int(num_beams), float(temperature), int(max_new_tokens)
     except (TypeError, ValueError):
@@ -408,8 +397,7 @@ def settings_from_controls(num_beams: Any, temperature: Any, max_new_tokens: Any
         raise InputError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}")
     if not MIN_NEW_TOKENS <= new <= MAX_NEW_TOKENS_UI:
         raise InputError(f"max new tokens must be between {MIN_NEW_TOKENS} and {MAX_NEW_TOKENS_UI}")
-    return GenerationSettings(num_beams=beams, temperature=temp if temp > 0 else 1.0, do_sample=temp > 0,
-                              max_new_tokens=new)
+    return GenerationSettings(num_beams=beams, temperature=temp, max_new_tokens=new)
 
 
 # ============================================================================ per-session state
@@ -516,7 +504,7 @@ def build_app(model: DemoModel, examples: Sequence[ExampleScene] | None = None,
     import gradio as gr
 
     from click4caption.captioner import Captioner
-    from click4caption.conversation import DESCRIBE_PROMPT
+    from click4caption.prompts import DESCRIBE_PROMPT
     from click4caption.images import load_image
 
     examples = list(load_example_scenes() if examples is None else examples)
@@ -735,7 +723,7 @@ def build_app(model: DemoModel, examples: Sequence[ExampleScene] | None = None,
                     beams = gr.Slider(1, MAX_BEAMS, value=1, step=1, label="Beams", elem_id="beams")
                     temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.1,
                                             label="Temperature (0 = greedy)", elem_id="temperature")
-                    max_new = gr.Slider(MIN_NEW_TOKENS, MAX_NEW_TOKENS_UI, value=300, step=1,
+                    max_new = gr.Slider(MIN_NEW_TOKENS, MAX_NEW_TOKENS_UI, value=GenerationSettings().max_new_tokens, step=1,
                                         label="Maximum new tokens", elem_id="max_new_tokens")
             with gr.Column(scale=6):
                 status = gr.Markdown("Pick an example scene or upload an image.", elem_id="status")

@@ -1,8 +1,11 @@
-"""The Vicuna v0 conversation template and :class:`Chat`, the inference engine.
+"""The inference engine: regions in, replies out.
 
-Prompt format (exactly upstream's): system ``""`` then ``###``; each finished turn is
-``" " + role + ": " + message + "\\n###"``; the open assistant turn is ``" Assistant:"``.
-Soft tokens of the i-th uploaded region replace the i-th ``[IMG]``.
+:class:`Chat` is upstream's ``Chat`` (upload regions, ask, answer) with a content-keyed
+ViT cache and batched generation: :meth:`Chat.answer_batch` answers many conversations
+with ONE ``generate`` call (left padding, attention mask and positions from the mask,
+per-row stopping on the stop string), giving the same tokens as answering them one at a
+time. The prompt format is :mod:`click4caption.prompts`'; the model never imports this
+module.
 """
 from __future__ import annotations
 
@@ -17,26 +20,22 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from click4caption.errors import InputError
-from click4caption.prompts import (  # noqa: F401 (re-exported)
-    DESCRIBE_PROMPT, DESCRIBE_QUESTION, IMG_TOKEN, Conversation, extract_reply, vicuna_v0,
-)
+from click4caption.generation import GenerationSettings
+from click4caption.prompts import IMG_TOKEN, Conversation, extract_reply, vicuna_v0
 
 if TYPE_CHECKING:
     from click4caption.models.click4caption import Click4Caption
 
 logger = logging.getLogger(__name__)
 
-# generation defaults (upstream Chat.answer); greedy by default here so results repeat
-MAX_NEW_TOKENS = 300
-MAX_CONTEXT_TOKENS = 2000
-TOP_P = 0.9
-
 
 class StopOnText(StoppingCriteria):
     """Stops each sequence once its newly generated text contains ``stop``.
 
     Works for any tokenizer, however it splits ``###`` (LLaMA has one token and a
-    two-token form): no hard-coded ids.
+    two-token form): no hard-coded ids. A row is decoded only when its last token can
+    end the stop string (its text holds one of the string's characters, or is empty or a
+    partial byte), so long batches cost little.
     """
 
     def __init__(self, tokenizer: Any, prompt_len: int, stop: str, window: int = 8) -> None:
@@ -44,11 +43,23 @@ class StopOnText(StoppingCriteria):
         self.prompt_len = prompt_len
         self.stop = stop
         self.window = window
+        self._may_end: dict[int, bool] = {}
+
+    def may_end(self, token_id: int) -> bool:
+        if token_id not in self._may_end:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=True)
+            self._may_end[token_id] = not text.strip() or "\ufffd" in text or any(c in text for c in self.stop)
+        return self._may_end[token_id]
+
+    def stopped(self, new_ids: Sequence[int]) -> bool:
+        """Whether the stop string is in the text of the last ``window`` of ``new_ids``."""
+        if not new_ids or not self.may_end(int(new_ids[-1])):
+            return False
+        return self.stop in self.tokenizer.decode(list(new_ids[-self.window:]), skip_special_tokens=True)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len:][:, -self.window:]
-        done = [self.stop in self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        rows = input_ids[:, self.prompt_len:].tolist()
+        return torch.tensor([self.stopped(row) for row in rows], dtype=torch.bool, device=input_ids.device)
 
 
 class StopOnEvent(StoppingCriteria):
@@ -66,7 +77,8 @@ def _image_key(tensor: torch.Tensor) -> str:
 
 
 class Chat:
-    """Upload regions, ask, answer: upstream's ``Chat`` with a content-keyed ViT cache.
+    """Upload regions, ask, answer: upstream's ``Chat`` with a content-keyed ViT cache and
+    batched answers.
 
     Args:
         model: a built :class:`Click4Caption`.
@@ -123,8 +135,9 @@ class Chat:
         return embeds
 
     @torch.no_grad()
-    def encode_boxes(self, image: Image.Image | torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
-        """Soft tokens for R boxes of one image with one ViT pass.
+    def encode_boxes(self, image: Image.Image | torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]]
+                     ) -> torch.Tensor:
+        """Soft tokens for R boxes of one image: one (cached) ViT pass, one Q-Former batch.
 
         Args:
             boxes: ``Rx4`` (x1, y1, x2, y2) or ``Rx2x2`` in MODEL-INPUT pixels.
@@ -137,9 +150,9 @@ class Chat:
         soft, _, _ = self.model.encode_img_with_bbox(tensor, boxes_t, image_embeds=embeds)
         return soft
 
-    def upload_img(self, image: Image.Image | torch.Tensor | str, conv: Conversation, img_list: list[torch.Tensor],
+    def upload_img(self, image: Image.Image | torch.Tensor | str, img_list: list[torch.Tensor],
                    tl_x: float, tl_y: float, br_x: float, br_y: float) -> str:
-        """Upstream signature: add one region (corners in model-input pixels) to ``img_list``."""
+        """Add one region (corners in model-input pixels) to ``img_list`` (upstream's call)."""
         if isinstance(image, str):
             from click4caption.images import load_image
 
@@ -180,73 +193,101 @@ class Chat:
         """
         probe = conv.copy()
         probe.append_message(probe.roles[1], None)
-        return int(self.get_context_emb(probe, img_list).shape[1])
+        with torch.no_grad():
+            return int(self.get_context_emb(probe, img_list).shape[1])
 
-    def _generation_inputs(self, conv: Conversation, img_list: Sequence[torch.Tensor], max_new_tokens: int,
-                           num_beams: int, temperature: float, do_sample: bool | None, top_p: float,
-                           max_length: int, min_length: int = 1, repetition_penalty: float = 1.0,
-                           length_penalty: float = 1.0) -> dict[str, Any]:
-        conv.append_message(conv.roles[1], None)
+    # -------------------------------------------------------------- answers
+    def _contexts(self, convs: Sequence[Conversation], img_lists: Sequence[Sequence[torch.Tensor]],
+                  settings: GenerationSettings) -> list[torch.Tensor]:
+        """Open the assistant turn of every conversation and embed it (``LxE`` each), the
+        oldest tokens dropped past ``max_length``. On an error no conversation is changed."""
+        contexts: list[torch.Tensor] = []
+        opened: list[Conversation] = []
         try:
-            embs = self.get_context_emb(conv, img_list)
-        except InputError:
-            conv.messages.pop()
+            for conv, img_list in zip(convs, img_lists, strict=True):
+                conv.append_message(conv.roles[1], None)
+                opened.append(conv)
+                embs = self.get_context_emb(conv, img_list)[0]
+                total = embs.shape[0] + settings.max_new_tokens
+                if total > settings.max_length:
+                    logger.warning("conversation is %d tokens with %d new: over the %d-token context; the oldest "
+                                   "%d tokens are dropped", embs.shape[0], settings.max_new_tokens,
+                                   settings.max_length, total - settings.max_length)
+                    embs = embs[total - settings.max_length:]
+                contexts.append(embs)
+        except BaseException:
+            for conv in opened:
+                conv.messages.pop()
             raise
-        total = embs.shape[1] + max_new_tokens
-        if total > max_length:
-            logger.warning("conversation is %d tokens with %d new: over the %d-token context; the oldest "
-                           "%d tokens are dropped", embs.shape[1], max_new_tokens, max_length, total - max_length)
-            embs = embs[:, total - max_length:]
-        if do_sample is None:
-            do_sample = temperature > 0
-        kwargs: dict[str, Any] = dict(
-            inputs_embeds=embs,
-            attention_mask=torch.ones(embs.shape[:2], dtype=torch.long, device=embs.device),
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            min_length=min_length,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            do_sample=do_sample,
-            stopping_criteria=StoppingCriteriaList([StopOnText(self.model.llama_tokenizer, 0, self.stop)]),
-            pad_token_id=self.model.llama_tokenizer.pad_token_id,
-            eos_token_id=self.model.llama_tokenizer.eos_token_id,
-        )
-        if do_sample:
-            kwargs.update(temperature=max(temperature, 1e-5), top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+        return contexts
 
-    @torch.no_grad()
-    def answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], max_new_tokens: int = MAX_NEW_TOKENS,
-               num_beams: int = 1, min_length: int = 1, top_p: float = TOP_P, repetition_penalty: float = 1.0,
-               length_penalty: float = 1.0, temperature: float = 1.0, max_length: int = MAX_CONTEXT_TOKENS,
-               do_sample: bool | None = None) -> tuple[str, Any]:
-        """Generate the assistant's reply and store it in ``conv``.
+    def _generate_kwargs(self, contexts: Sequence[torch.Tensor], settings: GenerationSettings) -> dict[str, Any]:
+        """Left-padded ``inputs_embeds`` ``BxLxE`` with its attention mask (positions follow
+        from the mask), stopping per row, and the decoding settings."""
+        width = max(c.shape[0] for c in contexts)
+        embs = contexts[0].new_zeros(len(contexts), width, contexts[0].shape[-1])
+        mask = torch.zeros(len(contexts), width, dtype=torch.long, device=embs.device)
+        for i, c in enumerate(contexts):
+            embs[i, width - c.shape[0]:] = c
+            mask[i, width - c.shape[0]:] = 1
+        tok = self.model.llama_tokenizer
+        return dict(inputs_embeds=embs, attention_mask=mask,
+                    stopping_criteria=StoppingCriteriaList([StopOnText(tok, 0, self.stop)]),
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings.generate_kwargs())
 
-        ``do_sample=None`` samples when ``temperature > 0`` and decodes greedily (or with
-        beams) at 0. Returns ``(reply, token ids)`` like upstream.
-        """
-        kwargs = self._generation_inputs(conv, img_list, max_new_tokens, num_beams, temperature, do_sample,
-                                         top_p, max_length, min_length, repetition_penalty, length_penalty)
-        out = self.model.llama_model.generate(**kwargs)
-        tokens = out[0]
-        text = self.model.llama_tokenizer.decode(tokens, skip_special_tokens=True)
+    def _finish(self, conv: Conversation, row: torch.Tensor, stop: StopOnText) -> tuple[str, torch.Tensor]:
+        """One generated row -> (reply, its tokens up to where generation stopped)."""
+        ids = row.tolist()
+        eos = self.model.llama_tokenizer.eos_token_id
+        for t, token in enumerate(ids):
+            if token == eos or stop.stopped(ids[:t + 1]):
+                ids = ids[:t + 1]
+                break
+        text = self.model.llama_tokenizer.decode(ids, skip_special_tokens=True)
         reply = extract_reply(text, self.stop)
         conv.messages[-1][1] = reply
-        return reply, tokens.cpu().numpy()
+        return reply, torch.as_tensor(ids, dtype=torch.long)
 
-    def stream_answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], max_new_tokens: int = MAX_NEW_TOKENS,
-                      num_beams: int = 1, temperature: float = 0.0, top_p: float = TOP_P,
-                      max_length: int = MAX_CONTEXT_TOKENS) -> Iterator[str]:
-        """Yield the reply as it grows (greedy/sampled; beams fall back to one final yield)."""
-        if num_beams > 1:
-            reply, _ = self.answer(conv, img_list, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                   temperature=temperature, top_p=top_p, max_length=max_length)
+    @torch.no_grad()
+    def answer_batch(self, convs: Sequence[Conversation], img_lists: Sequence[Sequence[torch.Tensor]],
+                     settings: GenerationSettings | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Answer every conversation's last question with one ``generate`` call; store and
+        return each ``(reply, token ids)``. Greedy and beam-search tokens are those of
+        :meth:`answer` on each conversation alone.
+
+        Raises:
+            InputError: a conversation's ``[IMG]`` count differs from its regions.
+        """
+        settings = settings or GenerationSettings()
+        if not convs:
+            return []
+        contexts = self._contexts(convs, img_lists, settings)
+        kwargs = self._generate_kwargs(contexts, settings)
+        try:
+            out = self.model.llama_model.generate(**kwargs)
+        except BaseException:
+            for conv in convs:
+                conv.messages.pop()
+            raise
+        stop = kwargs["stopping_criteria"][0]
+        return [self._finish(conv, row, stop) for conv, row in zip(convs, out)]
+
+    def answer(self, conv: Conversation, img_list: Sequence[torch.Tensor],
+               settings: GenerationSettings | None = None) -> tuple[str, torch.Tensor]:
+        """Generate the assistant's reply to the last question and store it in ``conv``.
+        Returns ``(reply, token ids)`` like upstream."""
+        return self.answer_batch([conv], [img_list], settings)[0]
+
+    def stream_answer(self, conv: Conversation, img_list: Sequence[torch.Tensor],
+                      settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield the reply as it grows (greedy or sampled; with beams, one final yield).
+        When the reader stops early, generation stops and the partial reply is stored."""
+        settings = settings or GenerationSettings()
+        if settings.num_beams > 1:
+            reply, _ = self.answer(conv, img_list, settings)
             yield reply
             return
-        kwargs = self._generation_inputs(conv, img_list, max_new_tokens, 1, temperature, None, top_p, max_length)
+        kwargs = self._generate_kwargs(self._contexts([conv], [img_list], settings), settings)
         streamer = TextIteratorStreamer(self.model.llama_tokenizer, skip_special_tokens=True, timeout=600)
         kwargs["streamer"] = streamer
         stop = Event()
