@@ -31,6 +31,7 @@ from click4caption.images import load_image
 from click4caption.prompts import DESCRIBE_PROMPT, IMG_TOKEN, check_question
 
 if TYPE_CHECKING:
+    from click4caption import parallel
     from click4caption.captioner import Captioner
 
 logger = logging.getLogger("click4caption.inference")
@@ -105,7 +106,7 @@ def _same_input(record: dict[str, Any], item: Any, raw: str) -> bool:
 
 
 def run_batch(make_captioner: Callable[[], "Captioner"], in_path: str, out_path: str,
-              settings: GenerationSettings) -> int:
+              settings: GenerationSettings, ctx: "parallel.DistContext | None" = None) -> int:
     """Answer every line of ``in_path`` into ``out_path`` (input order; bad lines get an
     ``error`` field, every result its 1-based ``line``). Lines are answered in chunks of
     ``CHUNK_LINES``, all their questions batched together, and each chunk is written as
@@ -113,7 +114,7 @@ def run_batch(make_captioner: Callable[[], "Captioner"], in_path: str, out_path:
     rank 0 merges. A rerun keeps the lines already answered and does the rest.
 
     Returns:
-        the number of lines with errors (in this process's share).
+        on rank 0, the number of lines of the output with errors; 0 on other ranks.
     """
     from tqdm import tqdm
 
@@ -128,14 +129,13 @@ def run_batch(make_captioner: Callable[[], "Captioner"], in_path: str, out_path:
             items.append((n, line, json.loads(line)))
         except json.JSONDecodeError as err:
             items.append((n, line, err))
-    ctx = parallel.dist_context()
+    ctx = ctx or parallel.DistContext()
     done = parallel.load_done(out_path, "line")
     mine = [items[i] for i in parallel.shard(len(items), ctx.rank, ctx.world_size)]
     todo = [(n, raw, item) for n, raw, item in mine
             if not (str(n) in done and _same_input(done[str(n)], item, raw))]
     if len(todo) < len(mine):
         logger.info("%d of %d lines already answered in %s", len(mine) - len(todo), len(mine), out_path)
-    failed = 0
     captioner = make_captioner() if todo else None
     with parallel.PartialWriter(parallel.partial_path(out_path, ctx.rank)) as writer, \
             tqdm(total=len(todo), desc="batch", unit="line", disable=None if ctx.is_main else True) as bar:
@@ -151,14 +151,15 @@ def run_batch(make_captioner: Callable[[], "Captioner"], in_path: str, out_path:
                     record = answered[n]
                 record = {"line": n, **record}
                 if "error" in record:
-                    failed += 1
                     logger.warning("line %d: %s", n, record["error"])
                 records.append(record)
             writer.write_many(records)
             bar.update(len(chunk))
-    parallel.merge(out_path, [str(n) for n, _, _ in items], "line", ctx, keep_unknown=False)
-    if ctx.is_main:
-        logger.info("wrote %d results to %s", len(items), out_path)
+    merged = parallel.merge(out_path, [str(n) for n, _, _ in items], "line", ctx, keep_unknown=False)
+    if merged is None:
+        return 0
+    failed = sum("error" in r for r in merged.values())
+    logger.info("wrote %d results to %s (%d with errors)", len(merged), out_path, failed)
     return failed
 
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = parallel.init(ctx, device)
         try:
             failed = run_batch(lambda: Captioner.from_config(cfg, device=device, settings=settings),
-                               args.batch_file, args.output_file, settings)
+                               args.batch_file, args.output_file, settings, ctx)
         finally:
             parallel.cleanup(ctx)
         return 1 if failed else 0

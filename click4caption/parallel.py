@@ -282,7 +282,7 @@ def merge(output: str | Path, order: Sequence[str], key_field: str, ctx: DistCon
         ctx: this process's place.
 
     Returns:
-        On rank 0, ``{key: record}`` of everything written; ``None`` on other ranks.
+        On rank 0, ``{key: record}`` of every record written; ``None`` on other ranks.
     """
     barrier(ctx)
     if not ctx.is_main:
@@ -301,5 +301,6 @@ def merge(output: str | Path, order: Sequence[str], key_field: str, ctx: DistCon
     os.replace(tmp, output)
     for path in partial_files(output):
         path.unlink()
-    logger.info("merged %d records into %s", len(done), output)
-    return done
+    written = {key: done[key] for key in known + extra}
+    logger.info("merged %d records into %s", len(written), output)
+    return written

@@ -257,3 +257,54 @@ def test_batch_mode(cli: dict[str, Run]) -> None:
     assert out[0]["answer"] == out[9]["answer"]  # greedy: the same question gets the same answer
     errors = [line for line in run.stderr_lines if "line " in line and line.startswith("WARNING")]
     assert len(errors) == 4  # one warning per failed line, then the rest still ran
+
+
+def _inference(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), str(INFERENCE), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_batch_file_under_torchrun_equals_one_process_and_a_rerun_resumes(cli: dict[str, Run], tiny_files,
+                                                                         tmp_path: Path) -> None:
+    """Two processes (gloo) each answer their share of the lines; rank 0 merges them in input
+    order into the one-process output. A rerun after a crash answers only the lines not yet
+    written. ``--batch_size 1`` makes every answer independent of which lines share a batch
+    (the tiny random model's tokens are nearly tied, so float noise of other batch shapes
+    could flip one), so the outputs must be byte-identical."""
+    d = cli["_dir"]
+    args = ["--cfg-path", str(tiny_files["yaml"]), "--device", "cpu", "--batch_file", str(d / "batch.jsonl"),
+            "--output_file", "out.jsonl", "--max_new_tokens", "5", "--batch_size", "1"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = _inference(args, tmp_path / "one")
+    two = _inference(args, tmp_path / "two", nproc=2)
+    assert one.returncode == two.returncode == 1, two.stderr[-3000:]  # the bad lines, as in one process
+    reference = (tmp_path / "one" / "out.jsonl").read_text()
+    assert (tmp_path / "two" / "out.jsonl").read_text() == reference
+    assert files_in(tmp_path / "two") == {"out.jsonl"}  # the per-rank partial files are merged away
+    # the batched default gives the same lines and fields (its answers may differ in near ties)
+    batched = [json.loads(line) for line in (cli["batch"].cwd / "out.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in batched] == [sorted(json.loads(line)) for line in reference.splitlines()]
+
+    # a crash after 6 lines (the 7th cut short), then a rerun: lines already written are kept
+    lines = reference.splitlines(keepends=True)
+    first = json.loads(lines[0])
+    kept = json.dumps({**first, "answer": "KEPT"}) + "\n"  # proves line 1 is not generated again
+    (tmp_path / "two" / "out.jsonl").write_text(kept + "".join(lines[1:6]) + lines[6][:20])
+    again = _inference(args, tmp_path / "two", nproc=2)
+    assert "already answered" in again.stderr and again.returncode == 1, again.stderr[-3000:]
+    out = (tmp_path / "two" / "out.jsonl").read_text()
+    assert out == kept + "".join(lines[1:])
+    # a line whose input changed is answered again, not taken from the old output
+    changed = batch_lines(d)
+    changed[1] = json.dumps({"image": f"{d}/gray.png", "boxes": [[0, 0, 30, 30]]})
+    (tmp_path / "changed.jsonl").write_text("\n".join(changed) + "\n")
+    third = _inference([*args[:5], str(tmp_path / "changed.jsonl"), *args[6:]], tmp_path / "two")
+    assert "10 of 11 lines already answered" in third.stderr, third.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "two" / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 11 and records[0]["answer"] == "KEPT"
+    assert records[1]["boxes"] == [[0, 0, 30, 30]] and len(records[1]["captions"]) == 1
