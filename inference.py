@@ -25,7 +25,7 @@ from click4caption.boxes import normalize_box
 from click4caption.paths import default_config_path
 from click4caption_apps.cli import pick_device, run_main, seed_everything, setup_logging
 from click4caption.config import load_config
-from click4caption.errors import Click4CaptionError, InputError
+from click4caption.errors import InputError
 from click4caption.generation import GenerationSettings
 from click4caption.images import load_image
 from click4caption.prompts import DESCRIBE_PROMPT, IMG_TOKEN, check_question

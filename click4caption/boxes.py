@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
+
 from click4caption.errors import InputError
 
 Box = tuple[float, float, float, float]
@@ -48,8 +50,20 @@ def normalize_box(box: Sequence[float], width: int, height: int) -> tuple[Box, l
     return (cx1, cy1, cx2, cy2), warnings
 
 
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """``Nx4`` boxes ``(x, y, w, h)`` (Visual Genome's, COCO's) -> ``Nx4`` ``(x1, y1, x2, y2)``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def scale_boxes(boxes: np.ndarray, width: int, height: int, image_size: int) -> np.ndarray:
+    """``Nx4`` boxes ``(x1, y1, x2, y2)`` in original pixels -> ``Nx2x2`` corners in the
+    pixels of the ``SxS`` model input: x scales by ``S/W``, y by ``S/H`` (the resize keeps
+    no aspect ratio), in float64."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return (boxes * np.array([image_size / width, image_size / height] * 2)).reshape(-1, 2, 2)
+
+
 def to_model_pixels(box: Box, width: int, height: int, image_size: int) -> list[list[float]]:
-    """Original-image box -> corners ``[[x1, y1], [x2, y2]]`` in ``SxS`` model-input pixels."""
-    sx, sy = image_size / width, image_size / height
-    x1, y1, x2, y2 = box
-    return [[x1 * sx, y1 * sy], [x2 * sx, y2 * sy]]
+    """One original-image box -> corners ``[[x1, y1], [x2, y2]]`` in model-input pixels."""
+    return scale_boxes(np.array([box]), width, height, image_size)[0].tolist()

@@ -16,3 +16,7 @@ class CheckpointError(Click4CaptionError):
 
 class InputError(Click4CaptionError):
     """Bad user input: an unreadable image, a malformed box or question."""
+
+
+class DataError(Click4CaptionError):
+    """A training dataset's files are missing, malformed or (nearly) all broken."""

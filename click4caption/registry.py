@@ -26,12 +26,12 @@ _ENTRIES: tuple[tuple[str, str, str], ...] = (
     ("processor", "blip2_image_eval", "click4caption.processors:Blip2ImageEvalProcessor"),
     ("processor", "blip2_image_train", "click4caption.processors:Blip2ImageTrainProcessor"),
     ("processor", "blip_caption", "click4caption.processors:BlipCaptionProcessor"),
-    ("dataset", "cc_sbu_align", "click4caption.data.builders:CCSBUAlignBuilder"),
-    ("dataset", "vg", "click4caption.data.builders:VisualGenomeBuilder"),
-    ("dataset", "textocr", "click4caption.data.builders:TextOCRBuilder"),
-    ("dataset", "laion", "click4caption.data.builders:LaionBuilder"),
-    ("dataset", "region_instruct", "click4caption.data.builders:RegionInstructBuilder"),
-    ("task", "image_text_pretrain", "click4caption.data.builders:IMAGE_TEXT_PRETRAIN"),
+    ("dataset", "cc_sbu_align", "click4caption.data.mixing:CC_SBU_ALIGN"),
+    ("dataset", "vg", "click4caption.data.vg:DATASET"),
+    ("dataset", "textocr", "click4caption.data.textocr:DATASET"),
+    ("dataset", "laion", "click4caption.data.laion:DATASET"),
+    ("dataset", "region_instruct", "click4caption.data.region_instruct:DATASET"),
+    ("task", "image_text_pretrain", "click4caption.data.mixing:IMAGE_TEXT_PRETRAIN"),
 )
 
 

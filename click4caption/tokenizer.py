@@ -168,9 +168,12 @@ class SentencePieceTokenizer:
         """SentencePiece's decoding of the ids (special ones dropped when asked)."""
         out: list[str] = []
         run: list[int] = []
+        size = self.sp.get_piece_size()
         for token_id in _id_list(ids):
             if token_id in self.special_ids and skip_special_tokens:
                 continue
+            if not 0 <= token_id < size and token_id not in self._id_to_added:
+                continue  # an id the LLM's (padded) vocabulary has and the tokenizer does not: no text
             if token_id in self._id_to_added:
                 out.append(self.sp.decode(run))
                 run = []

@@ -12,7 +12,8 @@ import torch
 
 from click4caption.config import DatasetConfig, from_dict
 from click4caption.data import MixedBatches, build_sources, make_loader, split_meta
-from click4caption.data.base import BatchPosition, DataError, MapSource
+from click4caption.data.sources import BatchPosition, MapSource
+from click4caption.errors import DataError
 from click4caption.data.laion import build_laion, expand_shards, index_shard
 from click4caption.data.region_instruct import build_region_instruct
 from click4caption.data.textocr import build_textocr

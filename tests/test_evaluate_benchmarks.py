@@ -221,7 +221,7 @@ def test_limit_then_full_run_and_a_changed_setting_is_refused(files: dict[str, P
 def test_write_held_out_ids_reads_back_through_the_vg_loader(tmp_path: Path) -> None:
     import evaluate
     from click4caption.config import DatasetConfig
-    from click4caption.data.base import load_held_out_ids
+    from click4caption.data.files import load_held_out_ids
 
     ann = tmp_path / "test_caption.json"
     images = [{"id": i, "file_name": name, "height": 10, "width": 10}

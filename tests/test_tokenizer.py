@@ -120,6 +120,8 @@ def test_decode_is_sentencepiece(sp_folder: Path, sp, pad_id: int) -> None:
     assert tok.decode(run) == sp.decode(run) and tok.decode(run).endswith("A")
     for text in ODD_TEXTS:
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)) == text
+    # an id past the vocabulary (an LLM whose embedding is padded) has no text
+    assert tok.decode([*sp.encode("a red"), sp.get_piece_size() + 50]) == "a red"
     # one id, as transformers' streamers pass it
     one = sp.encode("circle")[-1]
     assert tok.decode(one) == tok.decode([one]) == tok.decode(torch.tensor(one)) == sp.decode([one])

@@ -38,11 +38,12 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from click4caption.config import DatasetConfig
-from click4caption.data.base import (
-    MAX_ATTEMPTS_PER_SAMPLE, BatchPosition, BatchSource, DataError, SkipSample, load_held_out_ids,
-    processor_config, seeded_transform, stack_images,
+from click4caption.data.files import load_held_out_ids
+from click4caption.data.sources import (
+    MAX_ATTEMPTS_PER_SAMPLE, BatchPosition, BatchSource, DatasetKind, SkipSample, processor_config, seeded_transform,
+    stack_images,
 )
-from click4caption.errors import ConfigError
+from click4caption.errors import ConfigError, DataError
 from click4caption.images import to_rgb
 from click4caption.processors import build_processor
 
@@ -275,3 +276,7 @@ def build_laion(cfg: DatasetConfig, name: str, batch_size: int, image_size: int)
     text_cfg = processor_config(cfg, "text_processor", "blip_caption", image_size)
     return LaionDataset(name, shards, build_processor(vis_cfg), build_processor(text_cfg), batch_size,
                         cfg.sample_ratio, cfg.shuffle_buffer, load_held_out_ids(cfg, name), vis_cfg.image_size)
+
+
+DATASET = DatasetKind(build_laion, unused_keys={
+    "num_regions": "LAION images are captioned whole (one near-full box each)"})

@@ -20,14 +20,15 @@ runs changes the stream from then on (the trainer warns).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from click4caption.config import Config, report_unused
-from click4caption.data.base import META_KEYS, BatchPosition, BatchSource
+from click4caption.config import Config, DatasetConfig, report_unused
+from click4caption.data.sources import META_KEYS, BatchPosition, BatchSource, DatasetKind
 from click4caption.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ def split_meta(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return samples, meta
 
 
-def _keep(batch: Any) -> Any:
+def _as_collated(batch: Any) -> Any:
+    """The loader's collate: a source's batch is collated already."""
     return batch
 
 
@@ -101,7 +103,7 @@ def make_loader(batches: MixedBatches, start_step: int, num_workers: int, pin_me
         batch_size=None,
         sampler=range(int(start_step), len(batches)),
         num_workers=num_workers,
-        collate_fn=_keep,
+        collate_fn=_as_collated,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
         prefetch_factor=2 if num_workers > 0 else None,
@@ -114,11 +116,35 @@ def build_sources(cfg: Config, image_size: int) -> list[BatchSource]:
 
     sources = []
     for name, dcfg in cfg.datasets.items():
-        builder = registry.get("dataset", name)(dcfg, name)
+        kind: DatasetKind = registry.get("dataset", name)
         batch_size = dcfg.special_batch_size or cfg.run.batch_size_train
         if batch_size < 1:
             raise ConfigError(f"datasets.{name}: batch size must be >= 1, got {batch_size}")
-        sources.append(builder.build(batch_size=batch_size, image_size=image_size))
-        report_unused(cfg.given, {f"datasets.{name}.{k}": why for k, why in builder.unused_keys.items()},
+        sources.append(kind.build(dcfg, name, batch_size, image_size))
+        report_unused(cfg.given, {f"datasets.{name}.{k}": why for k, why in kind.unused_keys.items()},
                       cfg.path or "config")
     return sources
+
+
+def _eval_only(cfg: DatasetConfig, name: str, batch_size: int, image_size: int) -> BatchSource:
+    raise ConfigError(f"datasets.{name} is only used for its vis_processor (eval configs); training on it is not "
+                      "supported: use vg, textocr, laion or region_instruct")
+
+
+#: ``cc_sbu_align``: upstream's eval configs name it only for its image processor
+CC_SBU_ALIGN = DatasetKind(_eval_only)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A training task named by ``run.task``."""
+
+    name: str
+    description: str
+
+
+IMAGE_TEXT_PRETRAIN = Task(
+    "image_text_pretrain",
+    "captioning loss on region captions, whole-image captions and region instructions, "
+    "datasets mixed by sample_ratio",
+)

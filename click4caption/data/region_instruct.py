@@ -30,20 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from click4caption.boxes import scale_boxes
 from click4caption.config import DatasetConfig
-from click4caption.prompts import IMG_TOKEN
-from click4caption.data.base import (
-    DataError, MapSource, SkipSample, StringTable, build_box_safe_vis_processor, check_storage,
-    load_held_out_ids, log_filtered, read_json, stack_images,
+from click4caption.data.files import StringTable, check_storage, load_held_out_ids, log_filtered, read_json
+from click4caption.data.sources import (
+    DatasetKind, MapSource, SkipSample, build_box_safe_vis_processor, stack_images,
 )
-from click4caption.errors import InputError
+from click4caption.errors import DataError, InputError
+from click4caption.prompts import GPT_ROLES, HUMAN_ROLES, IMG_TOKEN
 from click4caption.images import load_image
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FILE = "instruct.json"
-HUMAN_ROLES = ("human", "user", "Human")
-GPT_ROLES = ("gpt", "assistant", "Assistant")
 
 
 def check_record(rec: Any) -> str | None:
@@ -120,8 +119,7 @@ class RegionInstructDataset(MapSource):
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, img_h)
         if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
             raise SkipSample("bad_box", f"record {self.ids[index]}: box outside the {img_w}x{img_h} image")
-        scale = np.array([self.image_size / img_w, self.image_size / img_h] * 2, dtype=np.float32)
-        corners = torch.from_numpy((boxes * scale).reshape(-1, 2, 2))
+        corners = torch.from_numpy(scale_boxes(boxes, img_w, img_h, self.image_size).astype(np.float32))
         return {"image": self.vis_processor(image), "bbox": corners, "conversations": self.conversations[index],
                 "image_key": self.images[index]}
 
@@ -174,3 +172,8 @@ def build_region_instruct(cfg: DatasetConfig, name: str, batch_size: int, image_
             records.append(rec)
     log_filtered(name, len(records), len(raw), "records", dropped)
     return RegionInstructDataset(name, path.parent, records, vis_processor, size, batch_size, cfg.sample_ratio)
+
+
+DATASET = DatasetKind(build_region_instruct, unused_keys={
+    "text_processor": "conversations are used as written", "num_regions": "each record has its own boxes",
+    "shuffle_buffer": "a LAION setting"})

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 
 import numpy as np
 
 from click4caption.config import DatasetConfig
-from click4caption.data.base import (
-    DataError, RegionCaptionSource, StringTable, build_box_safe_vis_processor, check_storage,
-    load_held_out_ids, log_filtered, parse_xywh, read_json,
-)
+from click4caption.data.files import check_storage, load_held_out_ids, parse_xywh, read_json
+from click4caption.data.regions import RegionCaptionSource, RegionIndex
+from click4caption.data.sources import DatasetKind, build_box_safe_vis_processor
+from click4caption.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -73,58 +72,45 @@ def build_textocr(cfg: DatasetConfig, name: str, batch_size: int, image_size: in
         raise DataError(f"datasets.{name}: {root / ANNOTATION_FILE} lacks 'imgs', 'anns' or 'imgToAnns'") from None
     min_valid = max(1, cfg.num_regions // 2)
 
-    image_ids: list[str] = []
-    image_paths: list[str] = []
-    offsets = [0]
-    boxes: list[tuple[float, float, float, float]] = []
-    words: list[str] = []
-    dropped_images: Counter = Counter()
-    dropped_words: Counter = Counter()
-    total_words = 0
+    index = RegionIndex()
     for iid, info in imgs.items():
         iid = str(iid)
         if iid in held_out:
-            dropped_images["held_out"] += 1
+            index.drop_image("held_out")
             continue
         try:
             path = root / IMAGE_DIR / os.path.basename(str(info["file_name"]))
         except (KeyError, TypeError):
-            dropped_images["malformed"] += 1
+            index.drop_image("malformed")
             continue
         width, height = info.get("width"), info.get("height")
-        image_boxes: list[tuple[float, float, float, float]] = []
-        image_words: list[str] = []
+        boxes: list[tuple[float, float, float, float]] = []
+        words: list[str] = []
         for ann_id in img_to_anns.get(iid) or []:
-            total_words += 1
+            index.total_regions += 1
             region = anns.get(ann_id)
             if not isinstance(region, dict):
-                dropped_words["malformed"] += 1
+                index.drop_region("malformed")
                 continue
             word = str(region.get("utf8_string") or "").strip()
             box = parse_xywh(region.get("bbox"))
             if not word:
-                dropped_words["empty_word"] += 1
+                index.drop_region("empty_word")
             elif word == ILLEGIBLE:
-                dropped_words["illegible"] += 1
+                index.drop_region("illegible")
             elif box is None:
-                dropped_words["bad_box"] += 1
+                index.drop_region("bad_box")
             elif width and height and not small_word_mask(np.array([box]), width, height, size)[0]:
-                dropped_words["small_word"] += 1
+                index.drop_region("small_word")
             else:
-                image_boxes.append(box)
-                image_words.append(word)
-        if len(image_boxes) < min_valid:
-            dropped_images["too_few_words"] += 1
+                boxes.append(box)
+                words.append(word)
+        if len(boxes) < min_valid:
+            index.drop_image("too_few_words")
             continue
-        image_ids.append(iid)
-        image_paths.append(str(path))
-        boxes.extend(image_boxes)
-        words.extend(image_words)
-        offsets.append(offsets[-1] + len(image_boxes))
-    log_filtered(name, len(image_ids), len(imgs), "images", dropped_images)
-    log_filtered(name, len(boxes), total_words, "words", dropped_words)
-    return TextOCRDataset(
-        name, image_ids, image_paths, np.asarray(offsets, dtype=np.int64),
-        np.asarray(boxes, dtype=np.float32).reshape(-1, 4), StringTable(words),
-        vis_processor, size, cfg.num_regions, batch_size, cfg.sample_ratio,
-    )
+        index.add_image(iid, str(path), boxes, words)
+    return index.build(TextOCRDataset, name, cfg, len(imgs), vis_processor, size, batch_size, region_word="words")
+
+
+DATASET = DatasetKind(build_textocr, unused_keys={"text_processor": "words are used as written, as upstream",
+                                                  "shuffle_buffer": "a LAION setting"})

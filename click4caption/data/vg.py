@@ -18,16 +18,15 @@ Held-out ids (``held_out_ids``, ``held_out_ids_file``) are VG ``image_id`` value
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from click4caption.config import DatasetConfig
-from click4caption.data.base import (
-    DataError, RegionCaptionSource, StringTable, build_box_safe_vis_processor, check_storage,
-    load_held_out_ids, log_filtered, parse_xywh, read_json,
-)
+from click4caption.data.files import check_storage, load_held_out_ids, parse_xywh, read_json
+from click4caption.data.regions import RegionCaptionSource, RegionIndex
+from click4caption.data.sources import DatasetKind, build_box_safe_vis_processor
+from click4caption.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -95,57 +94,45 @@ def build_visual_genome(cfg: DatasetConfig, name: str, batch_size: int, image_si
         except (AttributeError, KeyError, TypeError, ValueError):
             continue
 
-    image_ids: list[str] = []
-    image_paths: list[str] = []
-    offsets = [0]
-    boxes: list[tuple[float, float, float, float]] = []
-    phrases: list[str] = []
-    dropped_images: Counter = Counter()
-    dropped_regions: Counter = Counter()
-    total_regions = 0
+    index = RegionIndex()
     for entry in regions_json:
         if not isinstance(entry, dict):
-            dropped_images["malformed"] += 1
+            index.drop_image("malformed")
             continue
         iid = str(entry.get("id", entry.get("image_id")))
         if iid in held_out:
-            dropped_images["held_out"] += 1
+            index.drop_image("held_out")
             continue
         if iid not in meta:
-            dropped_images["not_in_image_data"] += 1
+            index.drop_image("not_in_image_data")
             continue
         path, width, height = meta[iid]
-        kept = 0
+        boxes: list[tuple[float, float, float, float]] = []
+        phrases: list[str] = []
         for region in entry.get("regions") or []:
-            total_regions += 1
+            index.total_regions += 1
             try:
                 phrase = str(region.get("phrase") or "").strip()
                 box = parse_xywh((region["x"], region["y"], region["width"], region["height"]))
             except (AttributeError, KeyError, TypeError):
-                dropped_regions["malformed"] += 1
+                index.drop_region("malformed")
                 continue
             if not phrase:
-                dropped_regions["empty_phrase"] += 1
-                continue
-            if box is None:
-                dropped_regions["bad_box"] += 1
-                continue
-            if width and height and not inside_image(np.array([box]), width, height)[0]:
-                dropped_regions["box_outside_image"] += 1
-                continue
-            boxes.append(box)
-            phrases.append(phrase)
-            kept += 1
-        if kept == 0:
-            dropped_images["no_valid_region"] += 1
+                index.drop_region("empty_phrase")
+            elif box is None:
+                index.drop_region("bad_box")
+            elif width and height and not inside_image(np.array([box]), width, height)[0]:
+                index.drop_region("box_outside_image")
+            else:
+                boxes.append(box)
+                phrases.append(phrase)
+        if not boxes:
+            index.drop_image("no_valid_region")
             continue
-        image_ids.append(iid)
-        image_paths.append(str(path))
-        offsets.append(offsets[-1] + kept)
-    log_filtered(name, len(image_ids), len(regions_json), "images", dropped_images)
-    log_filtered(name, len(boxes), total_regions, "regions", dropped_regions)
-    return VisualGenomeDataset(
-        name, image_ids, image_paths, np.asarray(offsets, dtype=np.int64),
-        np.asarray(boxes, dtype=np.float32).reshape(-1, 4), StringTable(phrases),
-        vis_processor, size, cfg.num_regions, batch_size, cfg.sample_ratio,
-    )
+        index.add_image(iid, str(path), boxes, phrases)
+    return index.build(VisualGenomeDataset, name, cfg, len(regions_json), vis_processor, size, batch_size)
+
+
+DATASET = DatasetKind(build_visual_genome, unused_keys={
+    "text_processor": "phrases are capitalised and end with '.', upstream's VG rule",
+    "shuffle_buffer": "a LAION setting"})

@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from click4caption import registry
 from click4caption.config import Config, ModelConfig
-from click4caption.data.base import BatchPosition
+from click4caption.data.sources import BatchPosition
 from click4caption.data.mixing import MixedBatches, build_sources, make_loader, split_meta
 from click4caption.errors import CheckpointError, Click4CaptionError, ConfigError
 from click4caption.training import checkpointing as ckpt_io
