@@ -7,8 +7,8 @@ Layout of this module:
   order (:func:`box_from_clicks`), ``[IMG]`` placeholder insertion
   (:func:`prepare_question`), region thumbnails (:func:`crop_thumbnail`) and drawing
   the selection (:func:`draw_selection`);
-- the example scenes shipped in ``assets/examples/`` (:func:`write_example_scenes`
-  makes them, :func:`load_example_scenes` reads them);
+- the example scenes shipped in ``assets/examples/`` come from
+  :mod:`click4caption.shapes.examples`;
 - :class:`DemoModel`: the ONE :class:`~click4caption.captioner.Captioner` of the app,
   shared by every browser session, with a lock so that model calls run one at a time
   (its :class:`~click4caption.conversation.Chat` keeps the ViT output of recent
@@ -16,16 +16,11 @@ Layout of this module:
 - :class:`Session`: what one browser session holds (``gr.State``): the image, the
   clicks, the conversation and its regions. No model in it;
 - the event handlers and :func:`build_app`, which makes the ``gr.Blocks``.
-
-Regenerate the example scenes with::
-
-    python -c "from click4caption_apps.demo_app import write_example_scenes; write_example_scenes()"
 """
 
 import atexit
 import hashlib
 import html
-import json
 import logging
 import math
 import shutil
@@ -51,9 +46,7 @@ if TYPE_CHECKING:  # gradio and torch are imported lazily: the pure helpers need
 
 logger = logging.getLogger(__name__)
 
-from click4caption.paths import EXAMPLES_DIR
-EXAMPLE_SEED = 2024
-NUM_EXAMPLES = 5
+from click4caption.shapes.examples import ExampleScene, load_example_scenes  # noqa: F401 - demo.py's import
 THUMB_SIDE = 96
 DISPLAY_SIDE = 512  # the canvas shows images with this longer side (clicks are mapped back)
 
@@ -236,88 +229,6 @@ def draw_selection(image: Image.Image, first: Point | None = None, box: Box | No
 
 def format_box(box: Box) -> str:
     return "(" + ", ".join(f"{v:g}" for v in box) + ")"
-
-
-# ============================================================================ example scenes
-@dataclass
-class ExampleScene:
-    """One shipped example: the PNG and its objects (boxes ``(x, y, w, h)``)."""
-
-    path: Path
-    objects: list[dict[str, Any]]
-    caption: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-def example_scene_records(seed: int = EXAMPLE_SEED, count: int = NUM_EXAMPLES
-                          ) -> list[tuple[Image.Image, dict[str, Any]]]:
-    """Draw the example scenes: ``count`` shapes-world scenes with at least 3 objects
-    and little background noise (small PNGs), from one seeded generator."""
-    import numpy as np
-
-    from click4caption.shapes.world import draw_scene, region_description, whole_image_caption
-
-    rng = np.random.default_rng(seed)
-    out: list[tuple[Image.Image, dict[str, Any]]] = []
-    while len(out) < count:
-        image, scene = draw_scene(rng)
-        if len(scene.objects) < 3 or scene.noise_std > 2.5:
-            continue
-        n = len(out) + 1
-        record = {
-            "image": f"scene_{n}.png",
-            "width": scene.width,
-            "height": scene.height,
-            "seed": seed,
-            "caption": whole_image_caption(scene),
-            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "box": list(o.box),
-                         "box_xyxy": o.box_xyxy, "description": region_description(o)} for o in scene.objects],
-        }
-        out.append((image, record))
-    return out
-
-
-def _sidecar_text(record: dict[str, Any]) -> str:
-    """JSON with one line per field and per object (small and easy to read)."""
-    fields = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items() if k != "objects"]
-    objects = ",\n".join("  " + json.dumps(o) for o in record["objects"])
-    return "{\n" + ",\n".join(fields) + ',\n "objects": [\n' + objects + "\n ]\n}\n"
-
-
-def write_example_scenes(out_dir: str | Path = EXAMPLES_DIR, seed: int = EXAMPLE_SEED,
-                         count: int = NUM_EXAMPLES) -> list[Path]:
-    """Write ``scene_N.png`` + ``scene_N.json`` (objects and boxes) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for image, record in example_scene_records(seed, count):
-        png = out / record["image"]
-        image.save(png, optimize=True)
-        png.with_suffix(".json").write_text(_sidecar_text(record), encoding="utf-8")
-        paths.append(png)
-    logger.info("wrote %d example scenes to %s", len(paths), out)
-    return paths
-
-
-def load_example_scenes(folder: str | Path = EXAMPLES_DIR) -> list[ExampleScene]:
-    """The ``*.png`` of ``folder`` (sorted), with their JSON sidecars where present."""
-    folder = Path(folder)
-    scenes = []
-    for png in sorted(folder.glob("*.png")):
-        sidecar = png.with_suffix(".json")
-        record: dict[str, Any] = {}
-        if sidecar.is_file():
-            try:
-                record = json.loads(sidecar.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as err:
-                logger.warning("ignoring the unreadable sidecar %s: %s", sidecar, err)
-        scenes.append(ExampleScene(png, list(record.get("objects", [])), record.get("caption", "")))
-    if not scenes:
-        logger.warning("no example scenes in %s", folder)
-    return scenes
 
 
 # ============================================================================ the model

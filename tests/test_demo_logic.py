@@ -2,15 +2,15 @@
 drawing, the shipped example scenes, and the shared model wrapper on a tiny model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from click4caption.paths import EXAMPLES_DIR
+from click4caption.shapes.examples import example_scene_records, load_example_scenes
 from click4caption_apps.demo_app import (
-    EXAMPLES_DIR,
     ClickState,
     Session,
     as_point,
@@ -19,14 +19,11 @@ from click4caption_apps.demo_app import (
     display_image,
     display_scale,
     draw_selection,
-    example_scene_records,
-    load_example_scenes,
     prepare_question,
     region_name,
     register_click,
     settings_from_controls,
     to_image_point,
-    write_example_scenes,
 )
 from click4caption.prompts import DESCRIBE_PROMPT, vicuna_v0
 from click4caption.errors import InputError
@@ -183,32 +180,6 @@ def test_settings_from_controls():
     for bad in [(0, 0, 300), (1, -1, 300), (1, 0, 0), (1, float("nan"), 300), ("x", 0, 3)]:
         with pytest.raises(InputError):
             settings_from_controls(*bad)
-
-
-# ----------------------------------------------------------------------------- example scenes
-def test_shipped_examples_match_the_generator(tmp_path: Path):
-    shipped = load_example_scenes(EXAMPLES_DIR)
-    assert [s.name for s in shipped] == [f"scene_{i}.png" for i in range(1, 6)]
-    for (image, record), scene in zip(example_scene_records(), shipped):
-        on_disk = json.loads(scene.path.with_suffix(".json").read_text())
-        assert on_disk == record
-        with Image.open(scene.path) as png:
-            assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(image))
-        assert len(scene.objects) >= 3
-        for obj in scene.objects:
-            x, y, w, h = obj["box"]
-            assert obj["box_xyxy"] == [x, y, x + w, y + h]
-            assert 0 <= x and x + w <= record["width"] and 0 <= y and y + h <= record["height"]
-    assert sum(p.stat().st_size for p in EXAMPLES_DIR.iterdir()) < 400_000
-
-
-def test_write_and_load_example_scenes(tmp_path: Path):
-    paths = write_example_scenes(tmp_path, seed=7, count=2)
-    scenes = load_example_scenes(tmp_path)
-    assert [s.path for s in scenes] == paths and all(s.objects for s in scenes)
-    (tmp_path / "scene_2.json").write_text("{broken")
-    assert load_example_scenes(tmp_path)[1].objects == []
-    assert load_example_scenes(tmp_path / "missing") == []
 
 
 # ----------------------------------------------------------------------------- the shared model
