@@ -10,7 +10,8 @@ only)::
 
 Describe mode: pick an image, click two opposite corners of a region (any order); the
 description streams into the chat. QA mode: select boxes, press "Add region" for each,
-then ask (``[IMG]`` placeholders are inserted when left out).
+then ask (``[IMG]`` placeholders are inserted when left out). Scripts call the
+``/describe`` and ``/ask`` endpoints with ``gradio_client`` (see the README).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The demo's events without a browser: each method of DemoHandlers called the way Gradio
 calls it, with fake select events (an object with ``.index``), on the tiny random model;
-the locked captioner; the page's wiring."""
+the locked captioner; the page's wiring and its API endpoints."""
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -324,8 +325,81 @@ def test_placeholder_mismatch_and_full_context_are_user_errors(handlers: DemoHan
     assert not model.lock.locked()
 
 
+# ----------------------------------------------------------------------------- the API endpoints
+def upload(path: Path) -> dict[str, Any]:
+    """What Gradio hands an endpoint for a file a client sent with handle_file."""
+    return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+@pytest.fixture
+def short_answers(model: LockedCaptioner) -> Iterator[None]:
+    """The API answers with the captioner's settings: short ones keep the tiny model fast."""
+    before = model.captioner.settings
+    model.captioner.settings = before.replace(max_new_tokens=8)
+    yield
+    model.captioner.settings = before
+
+
+def test_api_describe_is_one_batched_call_in_box_order(handlers: DemoHandlers, short_answers: None):
+    scene = handlers.examples[0]
+    boxes = [o["box_xyxy"] for o in scene.objects]
+    boxes[0] = [boxes[0][2], boxes[0][3], boxes[0][0], boxes[0][1]]  # corners in any order, as the CLI
+    answers = handlers.api_describe(upload(scene.path), boxes + [[-1, -1, -1, -1]])
+    assert len(answers) == len(boxes) + 1 and all(isinstance(a, str) and a for a in answers)
+    direct = handlers.model.captioner.describe(str(scene.path), boxes + [[-1, -1, -1, -1]])
+    assert answers == direct  # the same greedy answers, in the same order
+
+
+def test_api_ask_inserts_placeholders_like_the_ui(handlers: DemoHandlers, short_answers: None):
+    scene = handlers.examples[0]
+    boxes = [o["box_xyxy"] for o in scene.objects[:2]]
+    answer = handlers.api_ask(upload(scene.path), boxes, "Are they the same color?")
+    marked = handlers.api_ask(upload(scene.path), boxes, "image 1[IMG] image 2[IMG] Are they the same color?")
+    assert isinstance(answer, str) and answer == marked
+
+
+@pytest.mark.parametrize("image, boxes, question, message", [
+    ("scene", [[5, 5, 5, 5]], None, "empty box"),
+    ("scene", [[1, 2, 3]], None, "four numbers"),
+    ("scene", [], None, "non-empty list"),
+    ("scene", "0 0 10 10", None, "non-empty list"),
+    ("/etc/hostname", [[0, 0, 10, 10]], None, "handle_file"),
+    ("broken", [[0, 0, 10, 10]], None, "not an image"),
+    ("scene", [[0, 0, 10, 10]], "image[IMG] image[IMG] What?", "2 [IMG] placeholder"),
+    ("scene", [[0, 0, 10, 10]], "  ", "empty"),
+])
+def test_api_errors_are_one_line_for_the_client(handlers: DemoHandlers, tmp_path: Path, image: str, boxes: Any,
+                                                question: str | None, message: str):
+    files = {"scene": upload(handlers.examples[0].path), "/etc/hostname": "/etc/hostname"}
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    files["broken"] = upload(broken)
+    with pytest.raises(gr.Error) as caught:
+        if question is None:
+            handlers.api_describe(files[image], boxes)
+        else:
+            handlers.api_ask(files[image], boxes, question)
+    assert message in caught.value.message and "\n" not in caught.value.message
+    assert caught.value.print_exception is False  # no traceback in the server's log
+    assert not handlers.model.lock.locked()
+
+
+def test_api_calls_wait_for_the_model_lock(handlers: DemoHandlers, short_answers: None):
+    """The API shares the UI's lock: while a UI call holds it, an API call waits."""
+    scene = handlers.examples[0]
+    done: list[Any] = []
+    with handlers.model.lock:
+        worker = threading.Thread(target=lambda: done.append(
+            handlers.api_describe(upload(scene.path), [scene.objects[0]["box_xyxy"]])))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and done == []
+    worker.join(timeout=60)
+    assert not worker.is_alive() and len(done) == 1 and len(done[0]) == 1
+
+
 # ----------------------------------------------------------------------------- the page
-def test_build_app_wires_every_event_and_lists_no_ui_event_in_the_api(handlers: DemoHandlers):
+def test_build_app_wires_every_event_and_lists_only_the_two_endpoints(handlers: DemoHandlers):
     from click4caption_apps.demo.layout import build_app
 
     app = build_app(handlers)
@@ -335,10 +409,13 @@ def test_build_app_wires_every_event_and_lists_no_ui_event_in_the_api(handlers: 
             "regions", "upload", "beams", "temperature", "max_new_tokens", "mode"} <= ids
     fns = {fn.fn for fn in app.fns.values()}
     for method in ("upload", "select_example", "click", "whole_image", "describe", "add_region", "ask",
-                   "restart", "change_mode"):
+                   "restart", "change_mode", "api_describe", "api_ask"):
         assert getattr(handlers, method) in fns, method
     info = app.get_api_info()
-    assert not info["named_endpoints"] and not info["unnamed_endpoints"]
+    assert set(info["named_endpoints"]) == {"/describe", "/ask"} and not info["unnamed_endpoints"]
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/ask"]["parameters"]]
+    assert params == ["image", "boxes", "question"]
+    assert info["named_endpoints"]["/describe"]["parameters"][0]["python_type"]["type"] == "filepath"
     settings = handlers.settings
     sliders = {b.elem_id: b.value for b in app.blocks.values() if isinstance(b, gr.Slider)}
     assert sliders == {"beams": settings.num_beams, "temperature": settings.temperature,

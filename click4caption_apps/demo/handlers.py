@@ -5,7 +5,8 @@ method takes the session and the event's values and returns plain values and
 object with ``.index``); :mod:`.layout` only wires them to components.
 
 No ``from __future__ import annotations`` here: Gradio reads the annotations at run
-time (``gr.SelectData`` marks the event argument).
+time (``gr.SelectData`` marks the event argument; the API endpoints' types make their
+documentation).
 """
 import atexit
 import hashlib
@@ -15,7 +16,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 from PIL import Image
@@ -109,7 +110,7 @@ def _region_gallery(session: Session) -> list[tuple[Image.Image, str]]:
 
 
 class DemoHandlers:
-    """The demo's events, one method each.
+    """The demo's events, one method each, and the two API endpoints.
 
     Args:
         model: the captioner every session shares.
@@ -126,7 +127,7 @@ class DemoHandlers:
     # ------------------------------------------------------------ shared pieces
     @property
     def settings(self) -> GenerationSettings:
-        """The captioner's settings: the UI's initial values."""
+        """The captioner's settings: the UI's initial values and the API's settings."""
         return self.model.captioner.settings
 
     def info_text(self) -> str:
@@ -347,3 +348,48 @@ class DemoHandlers:
                 if qa else "Describe mode: click two opposite corners of a region to describe it.")
         return (session.canvas() if session.image is not None else gr.skip(), session, [],
                 gr.update(value=[], visible=qa), gr.update(visible=qa), hint)
+
+    # ------------------------------------------------------------ the API (for scripts)
+    def _api_regions(self, image: Any, boxes: Any) -> list[Region]:
+        """The API's image (a file the client uploaded) and boxes -> validated regions.
+
+        Raises:
+            InputError: no file, an unreadable image, no boxes, or a bad box.
+        """
+        path = image.get("path") if isinstance(image, dict) else None
+        if not isinstance(path, str):
+            raise InputError("image must be a file: pass gradio_client.handle_file(path_or_url)")
+        picture = _load_named(path, image.get("orig_name") or Path(path).name)
+        if not isinstance(boxes, list) or not boxes:
+            raise InputError("boxes must be a non-empty list of [x1, y1, x2, y2] in the image's pixels")
+        return [Captioner.region(picture, b) for b in boxes]
+
+    def _api_call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run an API call; its errors reach the client as one line, never a traceback."""
+        try:
+            return fn()
+        except Click4CaptionError as err:
+            logger.info("API %s: %s", what, err)
+            raise gr.Error(str(err), title="Error", print_exception=False) from None
+        except Exception as err:  # noqa: BLE001 - the client gets one line, the log the traceback
+            logger.exception("unexpected error in the API's %s", what)
+            raise gr.Error(f"internal error ({type(err).__name__}: {err})", print_exception=False) from None
+
+    def api_describe(self, image: gr.FileData, boxes: list[list[float]]) -> list[str]:
+        """Describe each box of an image: image = gradio_client.handle_file(path); boxes =
+        [[x1, y1, x2, y2], ...] in the image's pixels (any corner order, -1 = the border).
+        Returns one description per box, in order."""
+        def run() -> list[str]:
+            regions = self._api_regions(image, boxes)
+            return self.model.describe(regions[0].image, [r.box for r in regions])
+        return self._api_call("describe", run)
+
+    def api_ask(self, image: gr.FileData, boxes: list[list[float]], question: str) -> str:
+        """Ask one question about boxes of an image: image and boxes as for /describe;
+        the question has one [IMG] per box, in order, or none and they are inserted
+        ("image 1[IMG] image 2[IMG] " + question). Returns the answer."""
+        def run() -> str:
+            regions = self._api_regions(image, boxes)
+            prompt, _ = prepare_question(question, len(regions))
+            return self.model.ask(regions, prompt)
+        return self._api_call("ask", run)

@@ -2,7 +2,8 @@
 :class:`~click4caption_apps.demo.handlers.DemoHandlers`; no logic of its own.
 
 The UI's events are private (not in "Use via API", not callable by clients: they need
-a browser session's state).
+a browser session's state); scripts get two named endpoints, ``/describe`` and
+``/ask``, that share the model's queue and lock with the UI.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ MODEL_QUEUE: dict[str, Any] = dict(concurrency_id="model", concurrency_limit=1) 
 
 def _ui(listener: Callable[..., Any], fn: Callable[..., Any], inputs: list[Any], outputs: list[Any],
         **kwargs: Any) -> Any:
-    """Wire one UI event: private (it needs a browser session's state), named
-    ``ui_<method>``."""
+    """Wire one UI event: private (it needs a browser session's state), and named
+    ``ui_<method>`` so that no UI name takes the API's ``describe`` or ``ask``."""
     return listener(fn, inputs, outputs, api_name=f"ui_{fn.__name__}", api_visibility="private", **kwargs)
 
 
@@ -100,4 +101,7 @@ def build_app(handlers: DemoHandlers) -> gr.Blocks:
                 **MODEL_QUEUE)
         _ui(restart.click, h.restart, [state], [canvas, state, chatbot, regions, question, status, info])
         _ui(mode.change, h.change_mode, [mode, state], [canvas, state, chatbot, regions, add, status])
+
+        gr.api(h.api_describe, api_name="describe", **MODEL_QUEUE)
+        gr.api(h.api_ask, api_name="ask", **MODEL_QUEUE)
     return app

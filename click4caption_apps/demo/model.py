@@ -1,4 +1,4 @@
-"""The ONE captioner of the app, shared by every browser session, behind
+"""The ONE captioner of the app, shared by every browser session and by the API, behind
 a lock so that model calls run one at a time even outside Gradio's queue (its
 :class:`~click4caption.chat.Chat` keeps the ViT output of recent images, so a second
 box on the same image skips the ViT)."""
@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
+
+from PIL import Image
 
 from click4caption.errors import InputError
 from click4caption.prompts import IMG_TOKEN, check_question
@@ -76,3 +78,14 @@ class LockedCaptioner:
             for partial in self.captioner.stream(turn.conv, turn.img_list, settings):
                 turn.reply = partial
                 yield partial, turn
+
+    def describe(self, image: Image.Image, boxes: Sequence[Sequence[float]]) -> list[str]:
+        """The Describe answer for each box of ``image``, in one batched call, with the
+        captioner's own settings (the API's defaults are the library's)."""
+        with self.lock:
+            return self.captioner.describe(image, boxes)
+
+    def ask(self, regions: Sequence["Region"], question: str) -> str:
+        """One question (one ``[IMG]`` per region) in a new conversation."""
+        with self.lock:
+            return self.captioner.ask(regions, question)
