@@ -8,9 +8,10 @@ only)::
     python demo.py --server_port 8080 --server_name 0.0.0.0                    # reachable from the network
     python demo.py --share                                                     # a public gradio.live link
 
-Describe mode: pick an image, click the top-left then the bottom-right corner; the
+Describe mode: pick an image, click two opposite corners of a region (any order); the
 description streams into the chat. QA mode: select boxes, press "Add region" for each,
-then ask (``[IMG]`` placeholders are inserted when left out).
+then ask (``[IMG]`` placeholders are inserted when left out). Scripts call the
+``/describe`` and ``/ask`` endpoints with ``gradio_client`` (see the README).
 """
 from __future__ import annotations
 
@@ -61,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device, args.gpu_id)
 
     from click4caption.captioner import Captioner
-    from click4caption_apps.demo_app import CSS, DemoModel, build_app, load_example_scenes
+    from click4caption_apps.demo import CSS, DemoHandlers, LockedCaptioner, build_app, load_example_scenes
 
     logger.info("loading the model of %s on %s", cfg_path, device)
     captioner = Captioner.from_config(cfg, device=device)
-    model = DemoModel(captioner, name=Path(cfg_path).name, device=str(device))
+    model = LockedCaptioner(captioner, name=Path(cfg_path).name, device=str(device))
     examples = load_example_scenes(args.examples_dir) if args.examples_dir else load_example_scenes()
-    app = build_app(model, examples)
+    app = build_app(DemoHandlers(model, examples))
     app.queue(default_concurrency_limit=1)
     logger.info("starting the demo on http://%s:%d%s", args.server_name, args.server_port,
                 " (and a public share link)" if args.share else "")

@@ -1,10 +1,9 @@
-"""The demo in a real browser: ``demo.py`` in a subprocess, driven by headless Chromium.
+"""The demo in a real browser: ``demo.py`` in a subprocess (:mod:`tests.demo_server`),
+driven by headless Chromium.
 
-Model: ``C4C_DEMO_CFG`` (an eval YAML) or, unset, the shipped shapes model
-(``default_config_path()``). ``C4C_DEMO_CFG=tiny``, or an unset variable while the shipped
-model is not there, runs a tiny random-weight model: every check runs, except those
-about what the answers say (the caption names the shape's colour; the Yes/No answer),
-which need the trained shapes model. The Describe screenshot goes to
+The model is the shipped shapes model, or a tiny random one (see tests/demo_server.py):
+with a random one every check runs except those about what the answers say (the caption
+names the shape's colour; the Yes/No answer). The Describe screenshot goes to
 ``assets/demo_screenshot.png`` with the shipped model (elsewhere with a random one, so
 the README never shows gibberish; ``C4C_DEMO_SCREENSHOT`` names the file).
 
@@ -15,97 +14,31 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from click4caption.paths import default_config_path
-from click4caption_apps.demo_app import display_scale
+from click4caption.prompts import DESCRIBE_QUESTION, IMG_TOKEN
+from click4caption_apps.demo.canvas import display_scale
+from tests.demo_server import REPO, demo_cfg, server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "assets" / "examples"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
-START_TIMEOUT_S = 120
 REPLY_TIMEOUT_MS = 60_000
 MAX_NEW_TOKENS = 40  # set in the UI: short replies keep the test fast (shapes answers are shorter)
 
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def demo_cfg(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bool]:
-    """``(config path, is the shipped model)``."""
-    shipped = Path(default_config_path()).resolve()
-    env = os.environ.get("C4C_DEMO_CFG", "").strip()
-    if env and env != "tiny":
-        if not Path(env).is_file():
-            pytest.fail(f"C4C_DEMO_CFG={env}: no such file")
-        return env, Path(env).resolve() == shipped
-    if not env and shipped.is_file():
-        return str(shipped), True
-    from tests.tiny import tiny_eval_yaml, write_upstream_checkpoints
-
-    root = tmp_path_factory.mktemp("demo_tiny")
-    return str(tiny_eval_yaml(root, write_upstream_checkpoints(root))), False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(demo_cfg: tuple[str, bool], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``demo.py --server_port <free port>`` running; yields its URL."""
+def browser() -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
     pytest.importorskip("playwright")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("demo_server") / "demo.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "demo.py"), "--cfg-path", demo_cfg[0],
-                                 "--server_port", str(port)], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"demo.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"demo.py did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log_text = log_path.read_text()
-    assert "Traceback" not in log_text, log_text[-3000:]
-
-
-@pytest.fixture(scope="module")
-def browser(server: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -243,8 +176,9 @@ def test_describe_a_box(page: Any, demo_cfg: tuple[str, bool], tmp_path: Path):
     obj = sc["objects"][0]
     x1, y1, x2, y2 = obj["box_xyxy"]
     gray_before = canvas_pixel(page, sc, x1, y1)
+    assert "opposite corner" in status(page)  # any corner may come first
     click_image(page, sc, x1, y1)
-    wait_status(page, "First corner")
+    assert "now click the opposite corner" in wait_status(page, "First corner")
     page.wait_for_timeout(200)  # let the marked picture load
     marked = canvas_pixel(page, sc, x1, y1)
     assert marked != gray_before and marked[0] > 200 and marked[1] < 80, (gray_before, marked)  # red mark
@@ -256,9 +190,9 @@ def test_describe_a_box(page: Any, demo_cfg: tuple[str, bool], tmp_path: Path):
     # the box is drawn (pure red outline on the left edge, where the picture has no pure red)
     page.wait_for_timeout(200)
     assert canvas_pixel(page, sc, box[0] + 0.5, (box[1] + box[3]) / 2) == [255, 0, 0]
-    # the chat: the region's thumbnail, the Describe question, the streamed reply
+    # the chat: the region's thumbnail, the Describe question as a person reads it, the streamed reply
     assert page.locator('#chat [data-testid="user"] img').count() == 1
-    assert any("Tell me what it is and write a description for it." in m for m in user_messages(page))
+    assert [m.strip() for m in user_messages(page) if m.strip()] == [DESCRIBE_QUESTION]
     replies = bot_replies(page)
     assert len(replies) == 1 and replies[0].strip()
     lengths = page.evaluate("window.__lens")
@@ -290,17 +224,28 @@ def test_describe_a_box(page: Any, demo_cfg: tuple[str, bool], tmp_path: Path):
     assert described_box(text, "scene_1.png") == [0, 0, sc["width"], sc["height"]]
 
 
+def test_example_names_are_shown_in_full(page: Any):
+    labels = page.locator("#examples .caption-label")
+    assert labels.all_inner_texts() == [f"scene_{n}.png" for n in range(1, 6)]
+    for n in range(5):
+        label, tile = labels.nth(n), page.locator("#examples button.thumbnail-item").nth(n)
+        assert label.evaluate("e => e.scrollWidth <= e.clientWidth"), n  # no ellipsis
+        lb, tb = label.bounding_box(), tile.bounding_box()
+        assert tb["x"] <= lb["x"] and lb["x"] + lb["width"] <= tb["x"] + tb["width"], (n, lb, tb)
+
+
 def test_corner_order_does_not_matter(page: Any):
     sc = pick_example(page, 2)
     obj = sc["objects"][0]
     select_box(page, sc, obj["box_xyxy"])
-    forward = described_box(wait_status(page, "Described box"), "scene_2.png")
-    assert near(forward, obj["box_xyxy"])
+    text = wait_status(page, "Described box")
+    forward = described_box(text, "scene_2.png")
+    assert near(forward, obj["box_xyxy"]) and "Corners clicked top-left then bottom-right" in text
     select_box(page, sc, obj["box_xyxy"], reverse=True)
     page.wait_for_function("n => document.querySelectorAll('#chat [data-testid=\"bot\"]').length === n", arg=2)
     text = wait_status(page, "Described box")
     assert described_box(text, "scene_2.png") == forward
-    assert "bottom-right first" in text
+    assert "Corners clicked bottom-right then top-left" in text
     first, second = bot_replies(page)
     assert first == second  # greedy decoding of the same region
     # a follow-up question about the described box
@@ -331,8 +276,16 @@ def test_qa_with_two_regions(page: Any, demo_cfg: tuple[str, bool]):
     page.click("#ask")
     text = wait_status(page, "Answered.")
     assert "image 1[IMG] image 2[IMG]" in text  # the app says it inserted the placeholders
-    assert any("image 1[IMG] image 2[IMG] Are they the same color?" in m for m in user_messages(page))
-    assert page.locator('#chat [data-testid="user"] img').count() == 2
+    # one bubble: both regions, numbered, in one picture, and the question as typed
+    assert [m.strip() for m in user_messages(page) if m.strip()] == ["Are they the same color?"]
+    assert not any(IMG_TOKEN in m for m in user_messages(page))
+    strip = page.locator('#chat [data-testid="user"] img')
+    assert strip.count() == 1
+    thumb_widths = page.locator("#regions img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+    assert strip.evaluate("i => i.naturalWidth") == sum(thumb_widths) + 6
+    chat_box, strip_box = page.locator("#chat").bounding_box(), strip.bounding_box()
+    assert chat_box["y"] <= strip_box["y"] and strip_box["y"] + strip_box["height"] <= chat_box["y"] + \
+        chat_box["height"], (chat_box, strip_box)  # in view, with the answer below it
     replies = bot_replies(page)
     assert len(replies) == 1 and replies[0].strip()
     if demo_cfg[1]:
@@ -369,8 +322,12 @@ def test_unreadable_upload_shows_an_error_and_the_app_keeps_working(page: Any):
     chooser.value.set_files(files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image"}])
     text = wait_status(page, "Error")
     assert "not an image" in text and "broken.png" in text
-    page.wait_for_selector(".toast-body")
-    assert "not an image" in page.inner_text(".toast-body")
+    # the status line, in view and red, is where errors show: no toast titled "Warning" over the intro
+    box, viewport = page.locator("#status").bounding_box(), page.viewport_size
+    assert 0 <= box["y"] and box["y"] + box["height"] <= viewport["height"]
+    assert page.locator("#status .error").evaluate("e => getComputedStyle(e).color") == "rgb(185, 28, 28)"
+    page.wait_for_timeout(500)
+    assert page.locator(".toast-body").count() == 0
     # still works: a real upload, then a Describe round on an example
     import io
 

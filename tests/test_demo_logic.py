@@ -1,35 +1,36 @@
-"""The demo's logic without a browser: clicks -> boxes, placeholders, thumbnails,
-drawing, the shipped example scenes, and the shared model wrapper on a tiny model."""
+"""The demo's logic without a browser and without a model: clicks -> boxes, the
+corner order, placeholders, thumbnails, drawing and the session's canvas
+(click4caption_apps.demo.canvas and .session), and the UI's generation settings."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from click4caption_apps.demo_app import (
-    EXAMPLES_DIR,
-    ClickState,
-    Session,
+from click4caption.errors import InputError
+from click4caption.generation import GenerationSettings
+from click4caption_apps.demo.canvas import (
     as_point,
     box_from_clicks,
+    click_order,
+    corner_name,
     crop_thumbnail,
     display_image,
     display_scale,
     draw_selection,
-    example_scene_records,
-    load_example_scenes,
+    mark_radius,
+    numbered,
+    region_strip,
+    to_image_point,
+)
+from click4caption_apps.demo.session import (
+    ClickState,
+    Selection,
+    Session,
     prepare_question,
     region_name,
     register_click,
-    settings_from_controls,
-    to_image_point,
-    write_example_scenes,
 )
-from click4caption.prompts import DESCRIBE_PROMPT, vicuna_v0
-from click4caption.errors import InputError
 
 
 # ----------------------------------------------------------------------------- clicks and boxes
@@ -37,7 +38,8 @@ def test_first_click_is_remembered_and_second_gives_the_box():
     state, box = register_click(ClickState(), (10, 20))
     assert box is None and state.waiting_for_second and state.first == (10, 20)
     state, done = register_click(state, (50, 70))
-    assert done == ((10.0, 20.0, 50.0, 70.0), False)
+    assert done == Selection((10, 20), (50, 70))
+    assert done.box == (10.0, 20.0, 50.0, 70.0) and done.order == "top-left then bottom-right"
     assert state == ClickState() and not state.waiting_for_second
 
 
@@ -48,19 +50,20 @@ def test_a_third_click_starts_a_new_box():
     state, box = register_click(state, (5, 6))
     assert box is None and state.first == (5, 6)
     state, done = register_click(state, (9, 9))
-    assert done is not None and done[0] == (5.0, 6.0, 9.0, 9.0)
+    assert done is not None and done.box == (5.0, 6.0, 9.0, 9.0)
 
 
-@pytest.mark.parametrize("first, second", [
-    ((10, 20), (50, 70)),  # top-left then bottom-right
-    ((50, 70), (10, 20)),  # bottom-right then top-left
-    ((50, 20), (10, 70)),  # top-right then bottom-left
-    ((10, 70), (50, 20)),  # bottom-left then top-right
+@pytest.mark.parametrize("first, second, order", [
+    ((10, 20), (50, 70), "top-left then bottom-right"),
+    ((50, 70), (10, 20), "bottom-right then top-left"),
+    ((50, 20), (10, 70), "top-right then bottom-left"),
+    ((10, 70), (50, 20), "bottom-left then top-right"),
 ])
-def test_box_from_clicks_in_any_order(first, second):
-    box, swapped = box_from_clicks(first, second)
-    assert box == (10.0, 20.0, 50.0, 70.0)
-    assert swapped == (first != (10, 20))
+def test_box_from_clicks_in_any_order_names_the_order(first, second, order):
+    assert box_from_clicks(first, second) == (10.0, 20.0, 50.0, 70.0)
+    assert click_order(first, second) == order
+    assert corner_name(first, second) == order.split(" then ")[0]
+    assert Selection(first, second).order == order
 
 
 def test_as_point_reads_select_data_and_refuses_missing_coordinates():
@@ -164,6 +167,41 @@ def test_draw_selection_marks_without_touching_the_original():
     assert scaled.getpixel((39, 5)) == (0, 200, 255)  # the added region's outline
 
 
+@pytest.mark.parametrize("background", [(128, 128, 128), (220, 40, 40), (255, 255, 255)])
+def test_first_click_mark_is_large_and_shows_on_any_colour(background):
+    """The first corner's mark spans about 5% of the 512 px canvas each way (it was 10 px)
+    and has red and white in it, so it shows on grey, red and white shapes alike."""
+    canvas = Image.new("RGB", (512, 400), background)
+    marked = np.asarray(draw_selection(canvas, first=(200, 150)))
+    r = mark_radius(canvas)
+    assert r >= 20
+    changed = np.argwhere((marked != np.array(background)).any(axis=-1))
+    assert changed[:, 1].min() <= 200 - r + 2 and changed[:, 1].max() >= 200 + r - 2  # x extent
+    assert changed[:, 0].min() <= 150 - r + 2 and changed[:, 0].max() >= 150 + r - 2  # y extent
+    around = marked[150 - r:150 + r + 1, 200 - r:200 + r + 1].reshape(-1, 3)
+    colours = {tuple(int(v) for v in c) for c in around}
+    assert (255, 0, 0) in colours and (255, 255, 255) in colours
+
+
+def test_region_strip_puts_numbered_regions_side_by_side():
+    red = Image.new("RGB", (40, 30), (220, 40, 40))
+    blue = Image.new("RGB", (20, 50), (40, 80, 220))
+    strip = region_strip([(1, red), (2, blue)], gap=6)
+    assert strip.size == (40 + 6 + 20, 50)
+    arr = np.asarray(strip)
+    assert tuple(arr[20, 35]) == (220, 40, 40) and tuple(arr[45, 55]) == (40, 80, 220)
+    assert tuple(arr[11, 1]) == (0, 0, 0) and tuple(arr[1, 47]) == (0, 0, 0)  # a number badge on each
+    assert tuple(arr[5, 5]) == (255, 255, 255)  # the shorter one is centred on the background
+    assert tuple(arr[2, 43]) == (255, 255, 255)  # the gap
+    badge = np.asarray(numbered(red, 7))
+    assert (badge[:16, :16] > 200).all(axis=-1).any()  # white digits on the badge
+    assert tuple(badge[25, 35]) == (220, 40, 40)  # the rest untouched
+    plain = region_strip([(None, red)])
+    assert plain.size == red.size and tuple(np.asarray(plain)[1, 1]) == (220, 40, 40)
+    with pytest.raises(ValueError):
+        region_strip([])
+
+
 def test_session_canvas_shows_first_click_then_box():
     s = Session()
     assert s.canvas() is None
@@ -175,6 +213,8 @@ def test_session_canvas_shows_first_click_then_box():
 
 # ----------------------------------------------------------------------------- settings
 def test_settings_from_controls():
+    from click4caption_apps.demo.handlers import settings_from_controls
+
     greedy = settings_from_controls(1, 0, 300)
     assert not greedy.do_sample and greedy.generate_kwargs()["do_sample"] is False and greedy.max_new_tokens == 300
     sampled = settings_from_controls(2, 0.7, 50)
@@ -183,118 +223,9 @@ def test_settings_from_controls():
     for bad in [(0, 0, 300), (1, -1, 300), (1, 0, 0), (1, float("nan"), 300), ("x", 0, 3)]:
         with pytest.raises(InputError):
             settings_from_controls(*bad)
-
-
-# ----------------------------------------------------------------------------- example scenes
-def test_shipped_examples_match_the_generator(tmp_path: Path):
-    shipped = load_example_scenes(EXAMPLES_DIR)
-    assert [s.name for s in shipped] == [f"scene_{i}.png" for i in range(1, 6)]
-    for (image, record), scene in zip(example_scene_records(), shipped):
-        on_disk = json.loads(scene.path.with_suffix(".json").read_text())
-        assert on_disk == record
-        with Image.open(scene.path) as png:
-            assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(image))
-        assert len(scene.objects) >= 3
-        for obj in scene.objects:
-            x, y, w, h = obj["box"]
-            assert obj["box_xyxy"] == [x, y, x + w, y + h]
-            assert 0 <= x and x + w <= record["width"] and 0 <= y and y + h <= record["height"]
-    assert sum(p.stat().st_size for p in EXAMPLES_DIR.iterdir()) < 400_000
-
-
-def test_write_and_load_example_scenes(tmp_path: Path):
-    paths = write_example_scenes(tmp_path, seed=7, count=2)
-    scenes = load_example_scenes(tmp_path)
-    assert [s.path for s in scenes] == paths and all(s.objects for s in scenes)
-    (tmp_path / "scene_2.json").write_text("{broken")
-    assert load_example_scenes(tmp_path)[1].objects == []
-    assert load_example_scenes(tmp_path / "missing") == []
-
-
-# ----------------------------------------------------------------------------- the shared model
-@pytest.fixture(scope="module")
-def demo_model(tiny_files):
-    from click4caption.captioner import Captioner
-    from click4caption.config import load_config
-    from click4caption_apps.demo_app import DemoModel
-
-    return DemoModel(Captioner.from_config(load_config(tiny_files["yaml"])), name="tiny")
-
-
-def _scene():
-    image, record = example_scene_records(count=1)[0]
-    return image, [o["box_xyxy"] for o in record["objects"]]
-
-
-def _run(stream):
-    out = None
-    for partial, turn in stream:
-        out = (partial, turn)
-    return out
-
-
-def test_second_box_on_the_same_image_skips_the_vit(demo_model):
-    from click4caption.captioner import Captioner
-
-    image, boxes = _scene()
-    settings = settings_from_controls(1, 0, 16)
-    misses, hits = demo_model.cache_misses, demo_model.cache_hits
-    conv = vicuna_v0()
-    reply, turn = _run(demo_model.stream_turn(conv, [], [Captioner.region(image, boxes[0])], DESCRIBE_PROMPT,
-                                              settings))
-    assert demo_model.cache_misses == misses + 1
-    assert conv.messages == []  # the caller's conversation is untouched until it adopts the turn
-    assert len(turn.img_list) == 1 and turn.conv.messages[-1] == ["Assistant", reply]
-    _run(demo_model.stream_turn(vicuna_v0(), [], [Captioner.region(image, boxes[1])], DESCRIBE_PROMPT, settings))
-    assert demo_model.cache_misses == misses + 1 and demo_model.cache_hits == hits + 1
-
-
-def test_follow_up_turns_extend_the_conversation(demo_model):
-    from click4caption.captioner import Captioner
-
-    image, boxes = _scene()
-    settings = settings_from_controls(1, 0, 8)
-    regions = [Captioner.region(image, b) for b in boxes[:2]]
-    prompt, _ = prepare_question("Are they the same color?", 2)
-    _, first = _run(demo_model.stream_turn(vicuna_v0(), [], regions, prompt, settings))
-    assert len(first.img_list) == 2
-    prompt, _ = prepare_question("Is it large?", 0, 2)
-    _, second = _run(demo_model.stream_turn(first.conv, first.img_list, [], prompt, settings))
-    assert len(second.img_list) == 2 and len(second.conv.messages) == 4
-    third_region = [Captioner.region(image, boxes[2])]
-    prompt, _ = prepare_question("And this?", 1, 2)
-    assert prompt == "image 3[IMG] And this?"
-    _, third = _run(demo_model.stream_turn(second.conv, second.img_list, third_region, prompt, settings))
-    assert len(third.img_list) == 3 and third.conv.num_placeholders() == 3
-
-
-def test_placeholder_mismatch_and_full_context_are_user_errors(demo_model):
-    from click4caption.captioner import Captioner
-
-    image, boxes = _scene()
-    region = Captioner.region(image, boxes[0])
-    with pytest.raises(InputError, match="placeholder"):
-        _run(demo_model.stream_turn(vicuna_v0(), [], [region], "What?", settings_from_controls(1, 0, 8)))
-    with pytest.raises(InputError, match="no new region"):
-        _run(demo_model.stream_turn(vicuna_v0(), [], [], "image[IMG] What?", settings_from_controls(1, 0, 8)))
-    full = settings_from_controls(1, 0, 8).replace(max_length=20)  # the prompt alone is longer than this
-    with pytest.raises(InputError, match="conversation is full"):
-        _run(demo_model.stream_turn(vicuna_v0(), [], [region], "image[IMG] What?", full))
-    assert not demo_model.lock.locked()
-
-
-def test_build_app_makes_the_blocks(demo_model, tmp_path: Path):
-    import gradio as gr
-
-    from click4caption_apps.demo_app import ThumbStore, build_app
-
-    app = build_app(demo_model, load_example_scenes(EXAMPLES_DIR), ThumbStore(tmp_path))
-    assert isinstance(app, gr.Blocks)
-    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
-    assert {"canvas", "examples", "chat", "status", "question", "ask", "add", "whole", "restart",
-            "regions", "upload", "beams", "temperature", "max_new_tokens"} <= ids
-    path = ThumbStore(tmp_path).save(Image.new("RGB", (4, 4)))
-    assert Path(path).is_file() and ThumbStore(tmp_path).save(Image.new("RGB", (4, 4))) == path
+    # the rest comes from the captioner's settings (one home for defaults)
+    base = GenerationSettings(max_length=123, top_p=0.5)
+    assert settings_from_controls(1, 0.5, 50, base) == base.replace(temperature=0.5, max_new_tokens=50)
 
 
 @pytest.mark.parametrize("before,new", [(0, 1), (0, 3), (2, 1), (1, 2)])
