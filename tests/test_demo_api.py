@@ -17,7 +17,7 @@ EXAMPLES = REPO / "assets" / "examples"
 
 @pytest.fixture(scope="module")
 def client(server: str) -> Iterator[Any]:
-    gradio_client = pytest.importorskip("gradio_client")
+    import gradio_client
     yield gradio_client.Client(server, verbose=False, download_files=False)
 
 

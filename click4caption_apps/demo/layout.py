@@ -94,7 +94,7 @@ def build_app(handlers: DemoHandlers) -> gr.Blocks:
         _ui(gallery.select, h.select_example, [state], [canvas, state, status])
         for selected in (_ui(canvas.select, h.click, [state, mode], [canvas, state, status]),
                          _ui(whole.click, h.whole_image, [state, mode], [canvas, state, status])):
-            _ui(selected.then, h.describe, [state] + gen, [chatbot, state, status, info], **MODEL_QUEUE)
+            _ui(selected.then, h.describe, [state] + gen, described, **MODEL_QUEUE)
         _ui(add.click, h.add_region, [state], [canvas, regions, state, status])
         for asked in (question.submit, ask.click):
             _ui(asked, h.ask, [question, state, mode] + gen, [chatbot, state, status, info, question, regions],
