@@ -54,10 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-id", type=int, default=None, help="GPU index (upstream); with CUDA the default is 0")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--options", nargs="+", default=None, help="config overrides, key=value (e.g. model.ckpt=x.pth)")
-    p.add_argument("--num_beams", type=int, default=DEFAULTS.num_beams)
+    p.add_argument("--num_beams", type=int, default=DEFAULTS.num_beams, help=GenerationSettings.help("num_beams"))
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
     p.add_argument("--do_sample", action="store_true", help=f"sample (top-p {DEFAULTS.top_p}) instead of greedy decoding")
-    p.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens)
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens,
+                   help=GenerationSettings.help("max_new_tokens"))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--image_path", default=None)
     p.add_argument("--tl_x", type=float, default=-1, help="top-left x (-1: image border)")
@@ -71,8 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one JSON object per line: image, boxes, question (optional); runs under torchrun too")
     p.add_argument("--output_file", default=None, metavar="OUT.jsonl",
                    help="results in input order; a rerun resumes (lines already answered are kept)")
-    p.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size,
-                   help=f"questions generated together (default {DEFAULTS.batch_size}; halved on GPU out-of-memory)")
+    p.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help=GenerationSettings.help("batch_size"))
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.batch_file is None and args.image_path is None:

@@ -34,15 +34,17 @@ def one_of(default: Any, choices: tuple[Any, ...], why: str) -> Any:
     return field(default=default, metadata=metadata)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ViTSize:
-    """Sizes of a custom EVA-style ViT (used when ``vit_model: custom``)."""
+    """Sizes of an EVA-style ViT: a named variant's (``eva_clip_g``, in
+    :mod:`click4caption.models.vision`) or, with ``vit_model: custom``, all five given
+    under ``vit:``."""
 
-    embed_dim: int = 1408
-    depth: int = 39
-    num_heads: int = 16
-    patch_size: int = 14
-    mlp_dim: int = 6144
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    mlp_dim: int
 
 
 @dataclass

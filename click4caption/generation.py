@@ -9,6 +9,11 @@ import dataclasses
 from typing import Any
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A setting's default and its one-line help (the apps show it in ``--help``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     """How replies are decoded. Every default of generation lives here.
@@ -20,15 +25,21 @@ class GenerationSettings:
     a batch that runs out of GPU memory is split and retried.
     """
 
-    num_beams: int = 1
-    temperature: float = 0.0
-    top_p: float = 0.9
-    max_new_tokens: int = 300
-    max_length: int = 2000
-    min_length: int = 1
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    batch_size: int = 16
+    num_beams: int = _setting(1, "beams of beam search (1: greedy, or sampling with a temperature)")
+    temperature: float = _setting(0.0, "0: greedy decoding (answers repeat); above 0: sampling at this temperature")
+    top_p: float = _setting(0.9, "nucleus of sampling (upstream's 0.9)")
+    max_new_tokens: int = _setting(300, "most tokens of one reply")
+    max_length: int = _setting(2000, "context cap: the oldest tokens are dropped beyond it, with a warning")
+    min_length: int = _setting(1, "fewest tokens of one reply")
+    repetition_penalty: float = _setting(1.0, "1: none")
+    length_penalty: float = _setting(1.0, "beam search's length penalty")
+    batch_size: int = _setting(16, "questions generated together (a batch out of GPU memory is halved and retried)")
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help line of a setting, with its default."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f"{f.metadata['help']} (default {f.default})"
 
     @property
     def do_sample(self) -> bool:

@@ -35,6 +35,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -102,13 +103,16 @@ def dist_context(env: dict[str, str] | None = None) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local)
 
 
-def init(ctx: DistContext, device: Any = "cpu") -> DistContext:
+def init(ctx: DistContext, device: Any = "cpu", init_method: str = "env://",
+         timeout: timedelta = GROUP_TIMEOUT) -> DistContext:
     """Start the process group when ``ctx.world_size > 1`` (NCCL when ``device`` is a CUDA
-    device, gloo otherwise; rendezvous from torchrun's ``MASTER_ADDR`` / ``MASTER_PORT``).
+    device, gloo otherwise; rendezvous from torchrun's ``MASTER_ADDR`` / ``MASTER_PORT``
+    with ``env://``).
 
     Args:
         ctx: from :func:`dist_context`.
         device: this process's device (``str`` or ``torch.device``).
+        init_method / timeout: of ``torch.distributed.init_process_group``.
 
     Returns:
         ``ctx`` with ``backend`` set (unchanged for a single process).
@@ -121,10 +125,10 @@ def init(ctx: DistContext, device: Any = "cpu") -> DistContext:
     dev = torch.device(device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", world_size=ctx.world_size, rank=ctx.rank,
-                                timeout=GROUP_TIMEOUT, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=ctx.world_size, rank=ctx.rank,
+                                timeout=timeout, device_id=dev if dev.type == "cuda" else None)
     logger.info("rank %d of %d (backend %s)", ctx.rank, ctx.world_size, backend)
-    return DistContext(rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank, backend=backend)
+    return dataclasses.replace(ctx, backend=backend)
 
 
 def barrier(ctx: DistContext) -> None:

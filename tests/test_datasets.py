@@ -270,8 +270,6 @@ def test_batches_are_a_function_of_the_step(data: dict[str, Path]) -> None:
 
 def test_epochs_visit_every_item_once_and_ranks_are_disjoint() -> None:
     class Items(MapSource):
-        name, batch_size = "items", 1
-
         def __len__(self) -> int:
             return 10
 
@@ -281,7 +279,7 @@ def test_epochs_visit_every_item_once_and_ranks_are_disjoint() -> None:
         def collate(self, items):
             return {"i": [it["i"] for it in items]}
 
-    src = Items()
+    src = Items("items", batch_size=1, sample_ratio=1.0)
     r0 = [src.index_at(p, 0, 2, seed=1) for p in range(10)]
     r1 = [src.index_at(p, 1, 2, seed=1) for p in range(10)]
     assert sorted(r0[:5] + r1[:5]) == list(range(10))  # epoch 0 split between the ranks

@@ -23,7 +23,8 @@ from click4caption.errors import ConfigError, InputError
 from click4caption.images import MAX_IMAGE_PIXELS, load_image, to_rgb
 from click4caption.models.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
 from click4caption.models.qformer import build_qformer, init_query_tokens
-from click4caption.models.vision import EVA_CLIP_G, VisionEncoder, ViTVariant
+from click4caption.config import ViTSize
+from click4caption.models.vision import EVA_CLIP_G, VisionEncoder
 from click4caption.processors import CLIP_MEAN, CLIP_STD, Blip2ImageEvalProcessor, BlipCaptionProcessor
 
 R2 = math.sqrt(0.5)
@@ -31,17 +32,17 @@ R2 = math.sqrt(0.5)
 
 # --------------------------------------------------------------------------- vision encoder
 def test_vision_encoder_shapes_and_blocks() -> None:
-    vit = VisionEncoder(ViTVariant(32, 3, 2, 8, 48), image_size=32, feature_blocks=[0, 2]).eval()
+    vit = VisionEncoder(ViTSize(32, 3, 2, 8, 48), image_size=32, feature_blocks=[0, 2]).eval()
     out = vit(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 1 + 16, 32)
     assert vit.grid_size == (4, 4) and vit.feature_blocks == [0, 2]
-    assert VisionEncoder(ViTVariant(32, 3, 2, 8, 48), 32).feature_blocks == [2]  # default: the last block
+    assert VisionEncoder(ViTSize(32, 3, 2, 8, 48), 32).feature_blocks == [2]  # default: the last block
     with pytest.raises(ConfigError, match="out of range"):
-        VisionEncoder(ViTVariant(32, 3, 2, 8, 48), 32, feature_blocks=[3])
+        VisionEncoder(ViTSize(32, 3, 2, 8, 48), 32, feature_blocks=[3])
 
 
 def test_eva_vit_g_variant_at_full_size() -> None:
-    assert EVA_CLIP_G == ViTVariant(embed_dim=1408, depth=39, num_heads=16, patch_size=14, mlp_dim=6144)
+    assert EVA_CLIP_G == ViTSize(embed_dim=1408, depth=39, num_heads=16, patch_size=14, mlp_dim=6144)
     with torch.device("meta"):
         vit = VisionEncoder(EVA_CLIP_G, 224, [9, 19, 29, 38])
     assert len(vit.blocks) == 39 and vit.grid_size == (16, 16)

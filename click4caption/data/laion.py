@@ -40,8 +40,8 @@ from PIL import Image
 from click4caption.config import DatasetConfig
 from click4caption.data.files import load_held_out_ids
 from click4caption.data.sources import (
-    MAX_ATTEMPTS_PER_SAMPLE, BatchPosition, BatchSource, DatasetKind, SkipSample, processor_config, seeded_transform,
-    stack_images,
+    MAX_ATTEMPTS_PER_SAMPLE, BatchPosition, BatchSource, DatasetKind, SkipSample, at_least_one, processor_config,
+    seeded_transform, stack_images,
 )
 from click4caption.errors import ConfigError, DataError
 from click4caption.images import to_rgb
@@ -156,17 +156,10 @@ class LaionDataset(BatchSource):
     ) -> None:
         if not shards:
             raise DataError(f"datasets.{name}: no shard found")
-        if shuffle_buffer < 1:
-            raise ConfigError(f"datasets.{name}.shuffle_buffer must be >= 1, got {shuffle_buffer}")
-        self.name = name
-        self.shards = shards
-        self.vis_processor = vis_processor
+        super().__init__(name, batch_size, sample_ratio, vis_processor, image_size)
+        self.shards, self.held_out = shards, held_out
         self.text_processor = text_processor
-        self.batch_size = batch_size
-        self.sample_ratio = sample_ratio
-        self.shuffle_buffer = shuffle_buffer
-        self.held_out = held_out
-        self.image_size = image_size  # side of the transformed images (checked against the model)
+        self.shuffle_buffer = at_least_one(shuffle_buffer, name, "shuffle_buffer")
         self._cache: OrderedDict[str, tuple[ShardIndex, Counter]] = OrderedDict()
 
     def describe(self) -> str:

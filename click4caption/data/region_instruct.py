@@ -88,7 +88,7 @@ class RegionInstructDataset(MapSource):
                  batch_size: int, sample_ratio: float) -> None:
         if not records:
             raise DataError(f"datasets.{name}: no usable record")
-        self.name = name
+        super().__init__(name, batch_size, sample_ratio, vis_processor, image_size)
         self.root = str(root)
         self.ids = StringTable(str(r.get("id", i)) for i, r in enumerate(records))
         self.images = StringTable(r["image"] for r in records)
@@ -96,10 +96,6 @@ class RegionInstructDataset(MapSource):
         self.boxes = np.asarray([b for r in records for b in r["boxes"]], dtype=np.float32).reshape(-1, 4)
         # conversations are kept as JSON-able lists; they are small next to the images
         self.conversations = [[{"from": t["from"], "value": t["value"]} for t in r["conversations"]] for r in records]
-        self.vis_processor = vis_processor
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.sample_ratio = sample_ratio
 
     def __len__(self) -> int:
         return len(self.conversations)

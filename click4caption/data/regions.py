@@ -11,10 +11,10 @@ import torch
 
 from click4caption.boxes import scale_boxes, xywh_to_xyxy
 from click4caption.config import DatasetConfig
-from click4caption.errors import ConfigError, DataError, InputError
+from click4caption.errors import DataError, InputError
 from click4caption.images import load_image
 from click4caption.data.files import StringTable, log_filtered
-from click4caption.data.sources import MapSource, SkipSample, stack_images
+from click4caption.data.sources import MapSource, SkipSample, at_least_one, stack_images
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +95,10 @@ class RegionCaptionSource(MapSource):
     ) -> None:
         if not image_ids:
             raise DataError(f"datasets.{name}: no usable image (every image was filtered out or held out)")
-        if num_regions < 1:
-            raise ConfigError(f"datasets.{name}.num_regions must be >= 1, got {num_regions}")
-        self.name = name
-        self.image_ids = image_ids
-        self.image_paths = StringTable(image_paths)
-        self.offsets = offsets
-        self.boxes = boxes
-        self.captions = captions
-        self.vis_processor = vis_processor
-        self.image_size = image_size
-        self.num_regions = num_regions
-        self.batch_size = batch_size
-        self.sample_ratio = sample_ratio
+        super().__init__(name, batch_size, sample_ratio, vis_processor, image_size)
+        self.num_regions = at_least_one(num_regions, name, "num_regions")
+        self.image_ids, self.image_paths = image_ids, StringTable(image_paths)
+        self.offsets, self.boxes, self.captions = offsets, boxes, captions
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -66,13 +66,23 @@ class BatchPosition:
 class BatchSource:
     """A named training dataset that yields whole collated batches.
 
-    Subclasses set :attr:`name`, :attr:`sample_ratio`, :attr:`batch_size` and
-    implement :meth:`draw_batch`.
+    Args:
+        name: its ``datasets:`` name.
+        batch_size: items per batch.
+        sample_ratio: how often the mixer draws from it, relative to the others.
+        vis_processor: PIL image -> ``3xSxS`` tensor.
+        image_size: S, the side of the images it makes (checked against the model's).
+
+    Subclasses implement :meth:`draw_batch`.
     """
 
-    name: str = "?"
-    sample_ratio: float = 1.0
-    batch_size: int = 1
+    def __init__(self, name: str, batch_size: int, sample_ratio: float, vis_processor: Any = None,
+                 image_size: int | None = None) -> None:
+        self.name = name
+        self.batch_size = batch_size
+        self.sample_ratio = sample_ratio
+        self.vis_processor = vis_processor
+        self.image_size = image_size
 
     def draw_batch(self, rng: np.random.Generator, pos: BatchPosition) -> tuple[dict[str, Any], Counter]:
         """Return ``(collated batch, skipped-sample counts by reason)``."""
@@ -147,6 +157,17 @@ class MapSource(BatchSource):
             index = int(rng.integers(len(self)))
         raise DataError(f"datasets.{self.name}: {MAX_ATTEMPTS_PER_SAMPLE} samples in a row were unusable "
                         f"(last: {last}); check the dataset files")
+
+
+def at_least_one(value: int, name: str, key: str) -> int:
+    """``value`` when it is >= 1.
+
+    Raises:
+        ConfigError: naming ``datasets.<name>.<key>``.
+    """
+    if value < 1:
+        raise ConfigError(f"datasets.{name}.{key} must be >= 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ from click4caption.checkpoint import (
     KeyPlan, TensorFile, check_plan, missing_keys_error, plan_keys, require_file, state_from_plan, summarize_keys,
     weight_files,
 )
-from click4caption.config import ModelConfig
+from click4caption.config import ModelConfig, ViTSize
 from click4caption.errors import CheckpointError, ConfigError
 from click4caption.models.box_attention import ATTN_IMPLEMENTATION, BoxAttentionAid
 from click4caption.models.click4caption import Click4Caption
 from click4caption.models.llm import build_llm_skeleton, check_llm_weights, load_llm, read_llm_config, resolve_dtype
 from click4caption.models.prompt_encoder import PromptEncoder
 from click4caption.models.qformer import build_qformer, init_query_tokens
-from click4caption.models.vision import ViTVariant, VisionEncoder
+from click4caption.models.vision import VisionEncoder
 from click4caption.paths import resolve_path
 from click4caption.prompts import load_training_prompts
 from click4caption.tokenizer import TextTokenizer, load_tokenizer
@@ -46,13 +46,12 @@ logger = logging.getLogger(__name__)
 PARTS = ("visual_encoder", "ln_vision", "qformer", "query_tokens", "prompt_encoder", "llama_proj")
 
 
-def vit_variant(cfg: ModelConfig) -> ViTVariant:
+def vit_variant(cfg: ModelConfig) -> ViTSize:
     """The ViT sizes: a registered variant, or ``vit:`` when ``vit_model: custom``."""
     if cfg.vit_model == "custom":
         if cfg.vit is None:
             raise ConfigError("model.vit_model is 'custom' but model.vit (sizes) is not set")
-        v = cfg.vit
-        return ViTVariant(v.embed_dim, v.depth, v.num_heads, v.patch_size, v.mlp_dim)
+        return cfg.vit
     if cfg.vit is not None:
         raise ConfigError(f"model.vit sizes are given but vit_model is '{cfg.vit_model}'; "
                           "use vit_model: custom to set sizes")

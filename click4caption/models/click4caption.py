@@ -77,13 +77,10 @@ class Click4Caption(nn.Module):
         self.llama_proj = llama_proj
         self.llama_model = llama_model
         self.llama_tokenizer = llama_tokenizer
-        self.img_size = image_size
-        self.delete_vit_cls_token = delete_vit_cls_token
-        self.add_img_pe = add_img_pe
-        self.max_txt_len = max_txt_len
-        self.end_sym = end_sym
-        self.prompt_list = list(prompt_list)
         self.box_attention = box_attention
+        # how images become tokens, and how text is cut and ended
+        self.img_size, self.delete_vit_cls_token, self.add_img_pe = image_size, delete_vit_cls_token, add_img_pe
+        self.max_txt_len, self.end_sym, self.prompt_list = max_txt_len, end_sym, list(prompt_list)
         self.frozen_parts: tuple[str, ...] = ()
 
     def freeze(self, parts: Sequence[str]) -> None:

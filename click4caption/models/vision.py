@@ -4,7 +4,6 @@ Parameter names are timm's, which are also the names of BLIP-2's ``eva_vit_g.pth
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
@@ -13,22 +12,12 @@ from timm.layers import LayerNorm
 from timm.models.eva import Eva
 from torch import nn
 
+from click4caption.config import ViTSize
 from click4caption.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class ViTVariant:
-    """Literal sizes of a named ViT variant."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-    mlp_dim: int
-
-
-# EVA-CLIP ViT-g/14 as packaged by BLIP-2 (the 40th block dropped).
-EVA_CLIP_G = ViTVariant(embed_dim=1408, depth=39, num_heads=16, patch_size=14, mlp_dim=6144)
+# EVA-CLIP ViT-g/14 as packaged by BLIP-2 (the 40th block dropped): the only home of these sizes.
+EVA_CLIP_G = ViTSize(embed_dim=1408, depth=39, num_heads=16, patch_size=14, mlp_dim=6144)
 
 
 class VisionEncoder(Eva):
@@ -40,7 +29,7 @@ class VisionEncoder(Eva):
 
     def __init__(
         self,
-        variant: ViTVariant,
+        variant: ViTSize,
         image_size: int,
         feature_blocks: Sequence[int] | None = None,
         drop_path_rate: float = 0.0,

@@ -456,7 +456,7 @@ class Trainer:
                 if ok:
                     barrier(self.dist)
             finally:
-                cleanup()
+                cleanup(self.dist)
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
