@@ -118,8 +118,10 @@ def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_train_save_and_resume_exactly(setup_dir: Path) -> None:
     """12 iterations with accumulation and clipping; resuming the iteration-8
-    checkpoint restores step and optimizer state and ends where the full run ended."""
-    run = {"save_every_iters": 4, "keep_last_ckpts": 5, "accum_grad_iters": 2, "grad_clip": 1.0, "log_freq": 4}
+    checkpoint restores step and optimizer state and ends where the full run ended, with
+    the same count of skipped samples (logged every 3 iterations, saved every 4: the
+    samples skipped after the last log line are in the checkpoint too)."""
+    run = {"save_every_iters": 4, "keep_last_ckpts": 5, "accum_grad_iters": 2, "grad_clip": 1.0, "log_freq": 3}
     yaml_path = tiny_train_config(setup_dir, iters=6, epochs=2, run=run,
                                   model={"freeze_llm": False, "freeze_vit": False})
     cfg = load_config(yaml_path)
@@ -145,8 +147,12 @@ def test_train_save_and_resume_exactly(setup_dir: Path) -> None:
 
     cfg.run.resume_ckpt_path = str(out / "checkpoint_iter00000008.pth")
     trainer = Trainer(cfg, "resumed")
+    stale = trainer.out_dir / ".checkpoint_iter00000012.pth.x1y2.tmp"  # left by a kill during a write
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half a checkpoint")
     try:
         trainer.setup()
+        assert not stale.exists()
         assert trainer.start_iteration == 8
         assert tensors_equal(trainer.optimizer.state_dict(), ckpt8["optimizer"])
         state = ckpt_io.trainable_state_dict(trainer.model)
@@ -155,6 +161,7 @@ def test_train_save_and_resume_exactly(setup_dir: Path) -> None:
     finally:
         trainer.cleanup()
     assert [i for i, _ in resumed.losses] == [8, 9, 10, 11]
+    assert resumed.skipped == full.skipped and sum(full.skipped.values()) > 0
     assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in full.losses[8:]], abs=1e-5)
     again = ckpt_io.load_checkpoint(resumed.output_dir / "checkpoint_last.pth")
     assert relative_distance(again["model"], final["model"]) < 1e-4

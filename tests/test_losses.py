@@ -1,0 +1,132 @@
+"""The values of the training losses, computed by hand: the box-attention aid, and the
+conversation-mode loss (only the replies are targets)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from click4caption.models.box_attention import BoxAttentionAid
+
+
+# --------------------------------------------------------------------------- box attention
+def aid(grid: int, queries: int = 2) -> BoxAttentionAid:
+    # a 2x2 patch grid over a 4-pixel image: patch centres (1, 1), (3, 1), (1, 3), (3, 3)
+    return BoxAttentionAid(weight=1.0, grid=grid, num_queries=queries, grid_size=(2, 2), image_size=4)
+
+
+def test_inside_box_mask_by_patch_centres() -> None:
+    a = aid(0)
+    boxes = torch.tensor([[[0.0, 0.0], [2.0, 2.0]],     # holds centre (1, 1)
+                          [[0.0, 0.0], [4.0, 2.0]],     # the top row
+                          [[2.5, 2.5], [2.9, 2.9]],     # holds no centre: the nearest one, (3, 3)
+                          [[-3.0, -3.0], [9.0, 9.0]]])  # clipped to the image: all
+    assert a.inside_box_mask(boxes, 4).tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1]]
+    # a kept CLS token (T = 1 + 4) is never inside
+    assert a.inside_box_mask(boxes[:1], 5).tolist() == [[0, 1, 0, 0, 0]]
+
+
+def test_query_cells_split_the_box_row_major() -> None:
+    box = torch.tensor([[[0.0, 0.0], [4.0, 4.0]]])
+    cells = aid(2, queries=5).query_cells(box)[0]
+    assert cells.tolist() == [[[0, 0], [2, 2]], [[2, 0], [4, 2]], [[0, 2], [2, 4]], [[2, 2], [4, 4]],
+                              [[0, 0], [2, 2]]]  # query 4 wraps to cell 0
+    assert aid(0, queries=3).query_cells(box)[0].tolist() == [[[0, 0], [4, 4]]] * 3
+
+
+def maps_for(rows: list[list[float]]) -> list[torch.Tensor]:
+    """One layer, one box, one head: attention rows of the queries, then the 2 corner tokens."""
+    corners = [[1.0, 0.0, 0.0, 0.0]] * 2  # the corner tokens' rows are not pulled
+    return [torch.tensor([rows + corners])[:, None]]  # 1x1x(Q+2)x4
+
+
+def test_loss_is_minus_log_attention_mass_inside_the_target() -> None:
+    box = torch.tensor([[[0.0, 0.0], [2.0, 2.0]]])  # target: patch 0 only
+    maps = maps_for([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    expected = (-math.log(0.5) - math.log(0.25)) / 2
+    assert float(aid(0).loss(maps, box)) == pytest.approx(expected, rel=1e-6)
+    # with a 2x2 grid over the whole image, query 0 targets patch 0 and query 1 patch 1
+    whole = torch.tensor([[[0.0, 0.0], [4.0, 4.0]]])
+    maps = maps_for([[0.8, 0.2, 0.0, 0.0], [0.5, 0.1, 0.2, 0.2]])
+    assert float(aid(2).loss(maps, whole)) == pytest.approx((-math.log(0.8) - math.log(0.1)) / 2, rel=1e-6)
+    # several layers: their mean
+    two = maps_for([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]) + maps_for([[0.5, 0.5, 0.0, 0.0]] * 2)
+    assert float(aid(0).loss(two, box)) == pytest.approx(-math.log(0.5) / 2, rel=1e-6)
+
+
+def test_the_aid_records_only_inside_its_block_and_hands_its_loss_out_once() -> None:
+    a = aid(0)
+    a._record(None, None, (None, torch.ones(1)))  # outside record(): ignored
+    assert a.take_loss() is None
+    box = torch.tensor([[[0.0, 0.0], [2.0, 2.0]]])
+    with a.record(box):
+        a._record(None, None, (None, maps_for([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0]])[0]))
+    assert float(a.take_loss()) == pytest.approx(-math.log(0.5), rel=1e-6)
+    assert a.take_loss() is None
+
+
+def test_training_adds_the_weighted_aid_loss(tiny_files, tmp_path) -> None:
+    from tests.tiny import tiny_model_config
+    from click4caption.models.builder import build_model
+
+    model = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=0.5, box_attention_grid=2),
+                        for_training=True)
+    model.train()
+    batch = {"image": torch.randn(1, 3, 32, 32), "bbox": torch.tensor([[[[0.0, 0.0], [16.0, 16.0]]]]),
+             "text_input": ["A red circle."]}
+    out = model(batch)
+    assert float(out["box_attention_loss"]) > 0
+    assert float(out["loss"].detach()) == pytest.approx(float(out["lm_loss"]) + 0.5 * float(out["box_attention_loss"]),
+                                               rel=1e-5)
+    model.eval()
+    assert set(model(batch)) == {"loss"}  # the aid is a training aid: nothing recorded in eval mode
+
+
+# --------------------------------------------------------------------------- conversation mode
+def test_conversation_loss_is_the_cross_entropy_of_the_replies(tiny_model) -> None:
+    """Two records (one with two regions and a text-only follow-up): the loss is the mean
+    cross-entropy of the reply tokens, with the context built by hand from the template."""
+    model = tiny_model
+    tok = model.llama_tokenizer
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 32, 32, generator=gen)
+    records = [
+        [{"from": "human", "value": "image[IMG] What color is it?"}, {"from": "gpt", "value": "Red."},
+         {"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": "Circle."}],
+        [{"from": "human", "value": "image 1[IMG] image 2[IMG] Are they the same color?"},
+         {"from": "gpt", "value": "No."}],
+    ]
+    boxes = torch.tensor([[[[0.0, 0.0], [16.0, 16.0]], [[0.0, 0.0], [0.0, 0.0]]],
+                          [[[2.0, 2.0], [20.0, 30.0]], [[16.0, 8.0], [32.0, 32.0]]]])
+    samples = {"image": image, "image_index": [0, 0], "bbox": boxes, "num_boxes": [1, 2], "conversations": records}
+    with torch.no_grad():
+        loss = float(model(samples)["loss"])
+        image_embeds = model.encode_image(image)
+        soft = [model.encode_regions(image_embeds.expand(n, -1, -1), boxes[b, :n]) for b, n in enumerate((1, 2))]
+        pieces = [  # (text, is_target, regions spliced after it)
+            [("### Human: image", False, 1), (" What color is it?\n### Assistant:", False, 0), ("Red.\n###", True, 0),
+             (" Human: What shape is it?\n### Assistant:", False, 0), ("Circle.\n###", True, 0)],
+            [("### Human: image 1", False, 1), (" image 2", False, 1),
+             (" Are they the same color?\n### Assistant:", False, 0), ("No.\n###", True, 0)],
+        ]
+        table = model.llama_model.get_input_embeddings().weight
+        total, count = 0.0, 0
+        for b, record in enumerate(pieces):
+            embs, labels, used, first = [], [], 0, True
+            for text, target, regions in record:
+                ids = tok.encode(text, add_bos=first)
+                first = False
+                embs.append(table[ids])
+                labels += ids if target else [-100] * len(ids)
+                for _ in range(regions):
+                    embs.append(soft[b][used])
+                    labels += [-100] * model.num_query_token
+                    used += 1
+            logits = model.llama_model(inputs_embeds=torch.cat(embs)[None]).logits[0]
+            target = torch.tensor(labels)
+            total += float(F.cross_entropy(logits[:-1], target[1:], ignore_index=-100, reduction="sum"))
+            count += int((target[1:] != -100).sum())
+    assert count == len(tok.encode("Red.\n###")) + len(tok.encode("Circle.\n###")) + len(tok.encode("No.\n###"))
+    assert loss == pytest.approx(total / count, rel=1e-4)
