@@ -58,7 +58,7 @@ class StopOnText(StoppingCriteria):
         return self.stop in self.tokenizer.decode(list(new_ids[-self.window:]), skip_special_tokens=True)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        rows = input_ids[:, self.prompt_len:].tolist()
+        rows = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()  # the window only
         return torch.tensor([self.stopped(row) for row in rows], dtype=torch.bool, device=input_ids.device)
 
 
@@ -240,7 +240,7 @@ class Chat:
         ids = row.tolist()
         eos = self.model.llama_tokenizer.eos_token_id
         for t, token in enumerate(ids):
-            if token == eos or stop.stopped(ids[:t + 1]):
+            if token == eos or stop.stopped(ids[max(0, t + 1 - stop.window):t + 1]):
                 ids = ids[:t + 1]
                 break
         text = self.model.llama_tokenizer.decode(ids, skip_special_tokens=True)
