@@ -35,7 +35,7 @@ COMMON_WORDS = (
     "I you we me my your what which where who how many much some any all each both other "
     "not no yes do does can could please thank thanks ok okay describe picture photo object objects "
     "shape shapes color colour colors big little left right top bottom middle center next "
-    "Write write story combines about one two three four five"
+    "Write write story combines about one two three four five first second"
 ).split()
 MODEL_MAX_LENGTH = 2048
 
