@@ -2,8 +2,12 @@
 
 ``python evaluate.py shapes [--cfg-path CFG] [--seed 20261128] [--scenes 100]`` draws
 fresh shapes scenes (a seed never used in training), asks every question through the
-same code path as ``inference.py --batch_file`` (``Captioner.run_item``), and prints
-the table of design/shapes_world.md. Without ``--cfg-path`` the shipped model is used.
+same code path as ``inference.py --batch_file`` (``Captioner.run_item``) and the
+follow-up conversations through the Python API the demo uses (``Captioner.ask`` with a
+shared conversation), and prints the table of design/shapes_world.md plus the
+follow-up row. ``--generator heldout`` draws the scenes with another program that
+follows the spec (click4caption/shapes/heldout.py). Without ``--cfg-path`` the shipped
+model is used.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from click4caption.captioner import Captioner, GenerationSettings
 from click4caption.cli import default_config_path, pick_device, run_main, seed_everything, setup_logging
 from click4caption.config import load_config
-from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, evaluate_shapes
+from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, evaluate_shapes
 
 logger = logging.getLogger("click4caption.evaluate")
 
@@ -33,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--scenes", type=int, default=100, help="scenes to draw (7 questions each)")
     s.add_argument("--out", default=None, help="folder for images, the batch file and results (default: a temp dir)")
     s.add_argument("--max_new_tokens", type=int, default=60)
+    s.add_argument("--generator", choices=GENERATORS, default="shapes",
+                   help="scene generator: the training data's (shapes) or another one following the spec (heldout)")
+    s.add_argument("--no-followups", action="store_true", help="skip the follow-up conversations")
     s.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -49,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        scores = evaluate_shapes(captioner, args.seed, args.scenes, out)
+        scores = evaluate_shapes(captioner, args.seed, args.scenes, out, not args.no_followups, args.generator)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            scores = evaluate_shapes(captioner, args.seed, args.scenes, Path(tmp))
+            scores = evaluate_shapes(captioner, args.seed, args.scenes, Path(tmp), not args.no_followups,
+                                     args.generator)
     print(format_table(scores))
     if args.out:
         (Path(args.out) / "scores.json").write_text(json.dumps(scores, indent=2))
