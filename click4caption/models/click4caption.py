@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 # random near-full box used for whole-image captions: corners within half a ViT patch
 NEAR_FULL_BOX_JITTER = 7.0
+# text pieces whose token ids are kept in training (conversation rows repeat them)
+TOKEN_CACHE_SIZE = 4096
 
 
 class Click4Caption(nn.Module):
@@ -71,6 +73,7 @@ class Click4Caption(nn.Module):
         self.box_attention_loss_weight = box_attention_loss_weight
         self.box_attention_grid = box_attention_grid
         self._attn_maps: list[torch.Tensor] | None = None
+        self._ids_cache: dict[tuple[str, bool], torch.Tensor] = {}
         self._box_attn_loss: torch.Tensor | None = None
         if box_attention_loss_weight > 0:
             for layer in self.qformer.encoder.layer:
@@ -338,19 +341,38 @@ class Click4Caption(nn.Module):
         n_regions = 0 if regions is None else regions.shape[0]
         if n_img != n_regions:
             raise ValueError(f"{n_img} {IMG_TOKEN} placeholders but {n_regions} regions")
-        embs: list[torch.Tensor] = []
-        labs: list[torch.Tensor] = []
-        region_i, first = 0, True
+        parts: list[tuple[torch.Tensor | None, bool]] = []  # (token ids, is_target) or (None, _) for a region
+        first = True
         for text, is_target in pieces:
             segs = [text] if is_target else text.split(IMG_TOKEN)
             for j, seg in enumerate(segs):
                 if j > 0:
-                    embs.append(regions[region_i])
-                    labs.append(torch.full((regions.shape[1],), -100, dtype=torch.long, device=self.device))
-                    region_i += 1
-                ids = self.llama_tokenizer(seg, return_tensors="pt", add_special_tokens=first).input_ids[0]
+                    parts.append((None, False))
+                parts.append((self._token_ids(seg, first), is_target))
                 first = False
-                ids = ids.to(self.device)
-                embs.append(self.embed_tokens(ids[None])[0])
-                labs.append(ids.clone() if is_target else torch.full_like(ids, -100))
-        return torch.cat(embs), torch.cat(labs)
+        ids_all = torch.cat([ids for ids, _ in parts if ids is not None]).to(self.device)
+        emb_all = self.embed_tokens(ids_all[None])[0]  # one lookup for the whole row
+        embs: list[torch.Tensor] = []
+        labs: list[torch.Tensor] = []
+        region_i, offset = 0, 0
+        for ids, is_target in parts:
+            if ids is None:
+                embs.append(regions[region_i])
+                labs.append(torch.full((regions.shape[1],), -100, dtype=torch.long))
+                region_i += 1
+                continue
+            embs.append(emb_all[offset:offset + len(ids)])
+            labs.append(ids if is_target else torch.full_like(ids, -100))
+            offset += len(ids)
+        return torch.cat(embs), torch.cat(labs).to(self.device)
+
+    def _token_ids(self, text: str, bos: bool) -> torch.Tensor:
+        """Token ids of one text piece (CPU), cached: training texts repeat a lot."""
+        key = (text, bos)
+        ids = self._ids_cache.get(key)
+        if ids is None:
+            ids = self.llama_tokenizer(text, return_tensors="pt", add_special_tokens=bos).input_ids[0]
+            if len(self._ids_cache) >= TOKEN_CACHE_SIZE:
+                self._ids_cache.clear()
+            self._ids_cache[key] = ids
+        return ids
