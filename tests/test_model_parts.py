@@ -453,3 +453,42 @@ def test_caption_processor() -> None:
     assert proc('A "Red" circle!  (left)') == "a red circle left"
     assert proc("one two three four five six") == "one two three four"
     assert BlipCaptionProcessor()("Hello: world; ~#*") == "hello world"
+
+
+def test_length_buckets() -> None:
+    from click4caption.models.click4caption import length_buckets
+
+    lengths = [40, 370, 120, 60, 200, 90, 300, 150]
+    buckets = length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(8)) and 1 < len(buckets) <= 3
+    assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in zip(buckets, buckets[1:]))
+    assert length_buckets([50] * 8) == [list(range(8))] and length_buckets([7]) == [[0]]
+
+
+def test_conversation_loss_is_the_mean_over_all_reply_tokens(tiny_model, monkeypatch) -> None:
+    """Rows go through the LLM in length buckets; the loss is what one padded call gives."""
+    import click4caption.models.click4caption as c4c
+
+    model = tiny_model
+    s = model.img_size
+    turns = [{"from": "human", "value": "image[IMG] What color is it?"}, {"from": "gpt", "value": "Red."}]
+    long = turns + [{"from": "human", "value": "image 2[IMG] Tell me what it is and write a description for it."},
+                    {"from": "gpt", "value": "A large blue circle."}, {"from": "human", "value": "What shape is image 1?"},
+                    {"from": "gpt", "value": "Square."}]
+    box = torch.tensor([[[2.0, 2.0], [20.0, 20.0]], [[4.0, 8.0], [s, s]]])
+    samples = {"image": torch.rand(2, 3, s, s), "image_index": [0, 1, 0, 1], "bbox": torch.stack([box] * 4),
+               "num_boxes": [1, 2, 1, 2], "conversations": [turns, long, turns, long]}
+    used: list[list[list[int]]] = []
+    real = c4c.length_buckets
+
+    def spy(lengths, **kwargs):
+        used.append(real(lengths, call_cost=0))
+        return used[-1]
+
+    with torch.no_grad():
+        monkeypatch.setattr(c4c, "length_buckets", spy)
+        bucketed = model(samples)["loss"]
+        monkeypatch.setattr(c4c, "length_buckets", lambda lengths, **_: [list(range(len(lengths)))])
+        single = model(samples)["loss"]
+    assert used == [[[0, 2], [1, 3]]]  # the short rows apart from the long ones
+    assert torch.allclose(bucketed, single, atol=1e-5)

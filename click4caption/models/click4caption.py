@@ -5,6 +5,7 @@ Public methods keep upstream names and semantics (``encode_img_with_bbox``,
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Sequence
 
@@ -22,6 +23,25 @@ logger = logging.getLogger(__name__)
 NEAR_FULL_BOX_JITTER = 7.0
 # text pieces whose token ids are kept in training (conversation rows repeat them)
 TOKEN_CACHE_SIZE = 4096
+
+
+def length_buckets(lengths: Sequence[int], max_buckets: int = 3, call_cost: int = 64) -> list[list[int]]:
+    """Split rows into at most ``max_buckets`` groups of similar length.
+
+    Minimises the padded tokens of all groups plus ``call_cost`` tokens per group (a
+    separate LLM call is not free); returns row indices, groups in order of length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    best: tuple[int, list[int]] = (sorted_lengths[-1] * n + call_cost, [])
+    for splits in (s for k in range(1, max_buckets) for s in itertools.combinations(range(1, n), k)):
+        bounds = [0, *splits, n]
+        cost = sum(sorted_lengths[b - 1] * (b - a) + call_cost for a, b in zip(bounds, bounds[1:]))
+        if cost < best[0]:
+            best = (cost, list(splits))
+    bounds = [0, *best[1], n]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 class Click4Caption(nn.Module):
@@ -303,17 +323,24 @@ class Click4Caption(nn.Module):
             emb, lab = self.conversation_training_row(turns, regions)
             seqs.append(emb)
             labels.append(lab)
-        width = max(s.shape[0] for s in seqs)
-        e = seqs[0].shape[-1]
-        inputs = seqs[0].new_zeros(len(seqs), width, e)
-        targets = torch.full((len(seqs), width), -100, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        for i, (s, lab) in enumerate(zip(seqs, labels)):
-            inputs[i, : s.shape[0]] = s
-            targets[i, : s.shape[0]] = lab
-            mask[i, : s.shape[0]] = 1
-        out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
-        return self._losses(out.loss)
+        # rows of similar length go through the LLM together (less padding); the loss is
+        # the mean over all reply tokens of the batch, as one padded call would give
+        total = sum(int((lab[1:] != -100).sum()) for lab in labels)
+        loss_sum = seqs[0].new_zeros((), dtype=torch.float32)
+        for bucket in length_buckets([s.shape[0] for s in seqs]):
+            width = max(seqs[i].shape[0] for i in bucket)
+            inputs = seqs[0].new_zeros(len(bucket), width, seqs[0].shape[-1])
+            targets = torch.full((len(bucket), width), -100, dtype=torch.long, device=self.device)
+            mask = torch.zeros(len(bucket), width, dtype=torch.long, device=self.device)
+            for k, i in enumerate(bucket):
+                inputs[k, : seqs[i].shape[0]] = seqs[i]
+                targets[k, : seqs[i].shape[0]] = labels[i]
+                mask[k, : seqs[i].shape[0]] = 1
+            logits = self.llama_model(inputs_embeds=inputs, attention_mask=mask, return_dict=True).logits
+            loss_sum = loss_sum + nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum")
+        return self._losses(loss_sum / max(total, 1))
 
     def conversation_training_row(
         self, turns: Sequence[dict[str, str]], regions: torch.Tensor | None
