@@ -492,3 +492,27 @@ def test_conversation_loss_is_the_mean_over_all_reply_tokens(tiny_model, monkeyp
         single = model(samples)["loss"]
     assert used == [[[0, 2], [1, 3]]]  # the short rows apart from the long ones
     assert torch.allclose(bucketed, single, atol=1e-5)
+
+
+def test_box_attention_targets_cells_and_free_whole_image(tmp_path: Path) -> None:
+    """Cells of the box per query; with box_attention_whole_image 'free', a (near-)whole
+    image box lets every query look anywhere (the 4 x 4 patch grid of the tiny model)."""
+    from tests.tiny import tiny_model_config
+
+    from click4caption.models.builder import build_model
+
+    cells = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2),
+                        for_training=True)
+    free = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2,
+                                         box_attention_whole_image="free"), for_training=True)
+    boxes = torch.tensor([[[0.0, 0.0], [16.0, 16.0]], [[0.0, 0.0], [32.0, 32.0]], [[3.0, 5.0], [30.0, 28.0]]])
+    a, b = cells.attention_targets(boxes, 16), free.attention_targets(boxes, 16)
+    assert a.shape == (3, 4, 16)
+    # a quarter box: each query gets one patch of it, in row-major order
+    assert [int(a[0, q].reshape(4, 4).nonzero()[0, 0] * 4 + a[0, q].reshape(4, 4).nonzero()[0, 1]) for q in range(4)] \
+        == [0, 1, 4, 5]
+    assert torch.equal(a[0], b[0]) and a[1].sum(-1).tolist() == [4.0] * 4  # cells: a quarter of the image each
+    assert free.is_near_full(boxes).tolist() == [False, True, True]
+    assert torch.all(b[1] == 1) and torch.all(b[2] == 1)  # whole image: anywhere
+    with pytest.raises(ValueError):
+        build_model(tiny_model_config(tmp_path, box_attention_whole_image="objects"), for_training=True)

@@ -70,7 +70,8 @@ def build_skeleton(cfg: ModelConfig, llm: nn.Module, tokenizer) -> Click4Caption
                          delete_vit_cls_token=cfg.delete_vit_cls_token, add_img_pe=cfg.add_img_pe,
                          max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym,
                          box_attention_loss_weight=cfg.box_attention_loss_weight,
-                         box_attention_grid=cfg.box_attention_grid)
+                         box_attention_grid=cfg.box_attention_grid,
+                         box_attention_whole_image=cfg.box_attention_whole_image)
 
 
 def _apply(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> set[str]:

@@ -75,6 +75,7 @@ class Click4Caption(nn.Module):
         end_sym: str = "###",
         box_attention_loss_weight: float = 0.0,
         box_attention_grid: int = 0,
+        box_attention_whole_image: str = "cells",
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -92,6 +93,9 @@ class Click4Caption(nn.Module):
         self.end_sym = end_sym
         self.box_attention_loss_weight = box_attention_loss_weight
         self.box_attention_grid = box_attention_grid
+        if box_attention_whole_image not in ("cells", "free"):
+            raise ValueError(f"box_attention_whole_image must be 'cells' or 'free', got {box_attention_whole_image!r}")
+        self.box_attention_whole_image = box_attention_whole_image
         self._attn_maps: list[torch.Tensor] | None = None
         self._ids_cache: dict[tuple[str, bool], torch.Tensor] = {}
         self._box_attn_loss: torch.Tensor | None = None
@@ -174,19 +178,40 @@ class Click4Caption(nn.Module):
         top_left = tl + start * size
         return torch.stack([top_left, top_left + size / g], dim=2)
 
+    def attention_targets(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Where each learned query should look: ``Nx2x2`` boxes -> ``NxQxT`` masks.
+
+        Every query's cell of the box (:meth:`query_cells`); with
+        ``box_attention_whole_image: free``, every query of a (near-)whole-image box may
+        look anywhere in the image (the whole-image description must count the objects,
+        which cells split).
+        """
+        n, q = boxes.shape[0], self.num_query_token
+        cells = self.query_cells(boxes).reshape(n * q, 2, 2)
+        mask = self.inside_box_mask(cells, num_tokens).reshape(n, q, -1)
+        if self.box_attention_whole_image == "free" and self.box_attention_grid > 0:
+            anywhere = self.inside_box_mask(boxes.new_tensor([[[0.0, 0.0], [self.img_size, self.img_size]]]),
+                                            num_tokens)
+            mask = torch.where(self.is_near_full(boxes)[:, None, None], anywhere[:, None], mask)
+        return mask
+
     def box_attention_loss(self, maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """Mean of ``-log`` (attention mass of each learned query inside its target).
 
         A training aid for models trained from scratch (the shapes model): it teaches
         the queries to look between the corners, each at its own cell of the box when
-        ``box_attention_grid`` is set (so the box's layout reaches the LLM). ``maps``:
-        per cross-attention layer ``NxHx(Q+2)xT``.
+        ``box_attention_grid`` is set (so the box's layout reaches the LLM), see
+        :meth:`attention_targets`. ``maps``: per cross-attention layer ``NxHx(Q+2)xT``.
         """
         n, q = boxes.shape[0], self.num_query_token
-        cells = self.query_cells(boxes).reshape(n * q, 2, 2)
-        mask = self.inside_box_mask(cells, maps[0].shape[-1]).reshape(n, 1, q, -1)
+        mask = self.attention_targets(boxes, maps[0].shape[-1]).reshape(n, 1, q, -1)
         losses = [-(m[:, :, :q] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
         return torch.stack(losses).mean()
+
+    def is_near_full(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``Nx2x2`` boxes -> ``N`` bools: every corner within the near-full jitter of the border."""
+        s, j = float(self.img_size), NEAR_FULL_BOX_JITTER
+        return (boxes[:, 0] <= j).all(-1) & (boxes[:, 1] >= s - j).all(-1)
 
     # ------------------------------------------------------------------ vision
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
