@@ -318,8 +318,14 @@ def language_texts() -> list[str]:
     texts += [whole_image_caption(draw_scene(rng, n)[1]) for n in (1, 2, 3, 4, 5, None, None)]
     texts += [re.sub(r'[.!"()*#:;~]', " ", t.lower()) for t in texts[-7:]]  # as the LAION loader cleans them
     texts += ["Yes.", "No."]
+    from click4caption.shapes import dialogue
+
     prompts = [single_prompt(q) for q in world.SINGLE_QUESTIONS.values()]
     prompts += [pair_prompt(q) for q in world.PAIR_QUESTIONS.values()]
+    prompts += [dialogue.turn_prompt(dialogue.QUESTION_COUNT, 3, 1), dialogue.turn_prompt(world.QUESTION_SIZE, 12, 1)]
+    prompts += [dialogue.followup_question(a, dialogue.reference(kind, n)) for a in dialogue.ATTRIBUTE_TEMPLATES
+                for kind, n in (("it", 0), ("number", 7), ("ordinal", 1), ("ordinal", 2))]
+    texts += [dialogue.count_answer(n) for n in (2, 3, 4, 5)]
     texts += [f"### Human: {p}\n### Assistant:" for p in prompts]
     answers = ["A large red circle.", "Red.", "Circle."]
     texts += [f"### Human: {p}\n### Assistant: {a}\n###" for p, a in zip(prompts[:3], answers, strict=True)]

@@ -19,7 +19,7 @@ those conversations, shared by the training data (``writers``) and the evaluatio
 
 from __future__ import annotations
 
-from click4caption.shapes.world import IMG_PLACEHOLDER, PAIR_QUESTIONS, SINGLE_QUESTIONS
+from click4caption.shapes.world import COUNT_WORDS, IMG_PLACEHOLDER, PAIR_QUESTIONS, SINGLE_QUESTIONS
 
 #: attribute -> follow-up question about ``ref`` ("it", "image 2", "the first one", ...)
 ATTRIBUTE_TEMPLATES: dict[str, str] = {
@@ -28,6 +28,9 @@ ATTRIBUTE_TEMPLATES: dict[str, str] = {
     "size": "Is {ref} large or small?",
 }
 ORDINALS: tuple[str, ...] = ("first", "second")
+#: asked about the whole image (not a spec question: the count word the whole-image
+#: description starts with, as a one-word answer, "Three.")
+QUESTION_COUNT = "How many shapes are there?"
 
 
 def region_name(number: int, total: int) -> str:
@@ -67,6 +70,11 @@ def followup_question(attribute: str, ref: str) -> str:
     question = ATTRIBUTE_TEMPLATES[attribute].format(ref=ref)
     assert ref != "it" or question == SINGLE_QUESTIONS[attribute]
     return question
+
+
+def count_answer(count: int) -> str:
+    """``count_answer(3) == "Three."``."""
+    return COUNT_WORDS[count].capitalize() + "."
 
 
 def pair_followup_question(kind: str) -> str:

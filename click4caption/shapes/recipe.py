@@ -43,7 +43,7 @@ MODEL_DIR = "models/shapes"
 DATA_DIR = "data/shapes"
 CKPT_NAME = "click4caption_shapes.pth"
 # bumped when the writers change what a recipe parameter set produces (data is redrawn)
-DATA_VERSION = 2
+DATA_VERSION = 4
 DATA_SEED = 0
 # images per part
 NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 6000}
@@ -51,7 +51,7 @@ NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 6000}
 # size are learnt early, shape, same-shape pairs and the whole-image count are the hard
 # rows, so they get more than their natural share; multi-turn conversations with
 # text-only follow-ups teach the demo's follow-up questions
-INSTRUCT_MIX = InstructMix(describe=1.0, color=0.5, shape=1.0, size=0.5, same_color=1, same_shape=2, whole=2,
+INSTRUCT_MIX = InstructMix(describe=1.0, color=0.5, shape=1.0, size=0.5, same_color=2, same_shape=3, whole=2, count=2,
                            turns_per_record=6, followups=0.5)
 # share of the scenes laid out and drawn in other styles the spec allows (variety.py),
 # so that scenes from other programs following the spec are described as well
@@ -64,12 +64,14 @@ LLM_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, nu
                  num_key_value_heads=4, max_position_embeddings=512)
 
 
-def write_llm_folder(folder: Path) -> None:
-    """Tokenizer files and ``config.json`` of the shapes LLaMA (no weights yet)."""
+def write_llm_folder(folder: Path, layers: int | None = None) -> None:
+    """Tokenizer files and ``config.json`` of the shapes LLaMA (no weights yet);
+    ``layers`` overrides LLM_SIZES' depth (experiments)."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_shapes_tokenizer(folder)
+    sizes = {**LLM_SIZES, **({"num_hidden_layers": layers} if layers else {})}
     LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **LLM_SIZES).save_pretrained(folder)
+                pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **sizes).save_pretrained(folder)
 
 
 def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
@@ -139,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heldout-scenes", type=int, default=200,
                    help="scenes of the held-out generator (click4caption/shapes/heldout.py) to score; 0: none")
     p.add_argument("--skip-train", action="store_true", help="export and evaluate the last checkpoint only")
+    p.add_argument("--llm-layers", type=int, default=None, help="LLM depth (default: the recipe's LLM_SIZES)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp.write_text(json.dumps(params))
         logger.info("training data: %s", summary)
     timings["data_s"] = time.time() - t
-    write_llm_folder(model_dir / "llm")
+    write_llm_folder(model_dir / "llm", args.llm_layers)
 
     options = [f"model.llama_model={model_dir / 'llm'}",
                f"datasets.vg.build_info.storage={data / 'VisualGenome'}",
@@ -198,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s differ from %s's; evaluating with the trained sizes", ", ".join(differ), EVAL_CONFIG)
         for k in differ:
             setattr(eval_cfg.model, k, getattr(cfg.model, k))
+        for ds in eval_cfg.datasets.values():
+            for proc in (ds.vis_processor.train, ds.vis_processor.eval):
+                if proc is not None:
+                    proc.image_size = cfg.model.image_size
     captioner = Captioner.from_config(eval_cfg, device=device, settings=GenerationSettings(max_new_tokens=60))
     tables: dict[str, dict] = {}
     for generator in ("shapes", "heldout"):

@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from click4caption.shapes.dialogue import ATTRIBUTE_TEMPLATES, ORDINALS, QUESTION_COUNT
 from click4caption.shapes.world import COLORS, COUNT_WORDS, PAIR_QUESTIONS, SHAPES, SINGLE_QUESTIONS, SIZES
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ COMMON_WORDS = (
     "I you we me my your what which where who how many much some any all each both other "
     "not no yes do does can could please thank thanks ok okay describe picture photo object objects "
     "shape shapes color colour colors big little left right top bottom middle center next "
-    "Write write story combines about one two three four five first second"
+    "Write write story combines about one two three four five"
 ).split()
 MODEL_MAX_LENGTH = 2048
 
@@ -46,7 +47,10 @@ def shapes_words() -> list[str]:
     attributes = [*SHAPES, *COLORS, *SIZES, *COUNT_WORDS.values(), "yes", "no", "a", "and", "shape", "shapes"]
     for word in attributes:
         words |= {word, word.capitalize()}
-    for question in [*SINGLE_QUESTIONS.values(), *PAIR_QUESTIONS.values()]:
+    words |= set(ORDINALS)
+    for question in [*SINGLE_QUESTIONS.values(), *PAIR_QUESTIONS.values(),
+                     *(t.format(ref="it") for t in ATTRIBUTE_TEMPLATES.values()),
+                     QUESTION_COUNT]:
         words |= set(re.findall(r"[A-Za-z]+", question))
     return sorted(words)
 

@@ -180,7 +180,8 @@ class InstructMix:
     every object twice (the two questions land in different places of the stream).
     Pair kinds are Yes/No couples per scene (only as many as the scene has distinct
     pairs of both answers, so Yes and No stay balanced); ``whole`` is whole-image
-    Describe questions per scene.
+    Describe questions per scene, ``count`` whole-image ``How many shapes are there?``
+    questions (answered with the count word the description starts with).
 
     The questions of a scene are shuffled and grouped into conversations of 1 to
     ``turns_per_record`` question turns (uniformly), each bringing its own regions,
@@ -198,6 +199,7 @@ class InstructMix:
     same_color: int = 1
     same_shape: int = 1
     whole: int = 1
+    count: int = 0
     turns_per_record: int = 1
     followups: float = 0.0
 
@@ -237,6 +239,9 @@ def scene_tasks(scene: Scene, rng: np.random.Generator, mix: InstructMix) -> lis
     for _ in range(mix.whole):
         tasks.append({"kind": "whole", "objects": None, "question": SINGLE_QUESTIONS["describe"],
                       "answer": whole_image_caption(scene)})
+    for _ in range(mix.count):
+        tasks.append({"kind": "count", "objects": None, "question": dialogue.QUESTION_COUNT,
+                      "answer": dialogue.count_answer(len(scene.objects))})
     return tasks
 
 
