@@ -2,8 +2,12 @@
 
 ``python evaluate.py shapes [--cfg-path CFG] [--seed 20261128] [--scenes 100]`` draws
 fresh shapes scenes (a seed never used in training), asks every question through the
-same code path as ``inference.py --batch_file`` (``Captioner.run_item``), and prints
-the table of design/shapes_world.md. Without ``--cfg-path`` the shipped model is used.
+same code path as ``inference.py --batch_file`` (``Captioner.run_item``) and the
+follow-up conversations through the Python API the demo uses (``Captioner.ask`` with a
+shared conversation), and prints the table of design/shapes_world.md plus the
+follow-up row. ``--generator heldout`` draws the scenes with another program that
+follows the spec (click4caption/shapes/heldout.py). Without ``--cfg-path`` the shipped
+model is used.
 
 ``python evaluate.py vg|refcocog --annotations FILE --images DIR [DIR ...] --out DIR``
 captions every ground-truth box of a region-captioning benchmark file (GLaMM's
@@ -52,6 +56,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from click4caption.evaluation.benchmark import BENCHMARK_MAX_NEW_TOKENS
     from click4caption.evaluation.regions import DEFAULT_BATCH_SIZE
+    from click4caption.shapes.evaluation import GENERATORS
 
     p = _Parser(description="Evaluate Click4Caption.")
     sub = p.add_subparsers(dest="suite", required=True, parser_class=_Parser)
@@ -62,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--scenes", type=int, default=100, help="scenes to draw (7 questions each)")
     s.add_argument("--out", default=None, help="folder for images, the batch file and results (default: a temp dir)")
     s.add_argument("--max_new_tokens", type=int, default=60)
+    s.add_argument("--generator", choices=GENERATORS, default="shapes",
+                   help="scene generator: the training data's (shapes) or another one following the spec (heldout)")
+    s.add_argument("--no-followups", action="store_true", help="skip the follow-up conversations")
     for name, what in (("vg", "Visual Genome region captioning (GLaMM's test_caption.json or GRiT's test.json)"),
                        ("refcocog", "RefCOCOg region captioning (GLaMM's finetune_refcocog_val_captions.json)")):
         b = sub.add_parser(name, help=what, description=what)
@@ -105,10 +113,11 @@ def run_shapes(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        scores = evaluate_shapes(captioner, seed, args.scenes, out)
+        scores = evaluate_shapes(captioner, seed, args.scenes, out, not args.no_followups, args.generator)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            scores = evaluate_shapes(captioner, seed, args.scenes, Path(tmp))
+            scores = evaluate_shapes(captioner, seed, args.scenes, Path(tmp), not args.no_followups,
+                                     args.generator)
     print(format_table(scores))
     if args.out:
         (Path(args.out) / "scores.json").write_text(json.dumps(scores, indent=2))

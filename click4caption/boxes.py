@@ -10,6 +10,10 @@ from click4caption.errors import InputError
 
 Box = tuple[float, float, float, float]
 
+#: training draws whole-image boxes with each corner up to this many model pixels inside
+#: the border (upstream's ``7 * rand``: half a ViT patch)
+NEAR_FULL_BOX_JITTER = 7.0
+
 
 def normalize_box(box: Sequence[float], width: int, height: int) -> tuple[Box, list[str]]:
     """A user box ``(x1, y1, x2, y2)`` in original-image pixels -> a valid box + warnings.

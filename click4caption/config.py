@@ -109,6 +109,10 @@ class ModelConfig:
     # with that loss: cut the box into g x g cells and give each query its own cell
     # (0 = every query looks at the whole box)
     box_attention_grid: int = 0
+    # with that grid: "cells" gives (near-)whole-image boxes cells too, "free" lets every
+    # query of such a box look anywhere in the image (so that the objects can be counted)
+    box_attention_whole_image: str = one_of("cells", ("cells", "free"),
+                                            "the two targets of (near-)whole-image boxes")
 
 
 @dataclass

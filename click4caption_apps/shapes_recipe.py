@@ -18,8 +18,10 @@ Rerunning resumes an interrupted training from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -32,7 +34,7 @@ from click4caption.paths import PROJECT_ROOT
 from click4caption_apps.cli import pick_device, run_main, setup_logging
 from click4caption.config import Config, load_config
 from click4caption.shapes.tokenizer import build_shapes_tokenizer
-from click4caption.shapes.writers import write_shapes_dataset
+from click4caption.shapes.writers import InstructMix, write_shapes_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +43,36 @@ EVAL_CONFIG = "eval_configs/shapes_eval.yaml"
 MODEL_DIR = "models/shapes"
 DATA_DIR = "data/shapes"
 CKPT_NAME = "click4caption_shapes.pth"
+# bumped when the writers change what a recipe parameter set produces (data is redrawn)
+DATA_VERSION = 4
 DATA_SEED = 0
-# images per part; the instruction records hold TURNS questions about one image each
+# images per part
 NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 6000}
-TURNS = 4
-# Yes/No couples per pair kind and image: pair questions are hard for a small LLM, so
-# they get more than their natural share
-PAIR_COUPLES = 3
+# what each instruction scene is asked (see models/shapes/REPORT.md for why): colour and
+# size are learnt early, shape, same-shape pairs and the whole-image count are the hard
+# rows, so they get more than their natural share; multi-turn conversations with
+# text-only follow-ups teach the demo's follow-up questions
+INSTRUCT_MIX = InstructMix(describe=1.0, color=0.5, shape=1.0, size=0.5, same_color=2, same_shape=3, whole=2, count=2,
+                           turns_per_record=6, followups=0.5)
+# share of the scenes laid out and drawn in other styles the spec allows (variety.py),
+# so that scenes from other programs following the spec are described as well
+VARIETY = 0.5
+# model fields that must agree between the training and the eval config
+SIZE_KEYS = ("vit", "image_size", "use_vit_multiblock_feat", "delete_vit_cls_token", "add_img_pe", "qformer",
+             "num_query_token", "end_sym")
 # the shapes LLM (trained from scratch with the rest)
 LLM_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512)
 
 
-def write_llm_folder(folder: Path) -> None:
-    """Tokenizer files and ``config.json`` of the shapes LLaMA (no weights yet)."""
+def write_llm_folder(folder: Path, layers: int | None = None) -> None:
+    """Tokenizer files and ``config.json`` of the shapes LLaMA (no weights yet);
+    ``layers`` overrides LLM_SIZES' depth (experiments)."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_shapes_tokenizer(folder)
+    sizes = {**LLM_SIZES, **({"num_hidden_layers": layers} if layers else {})}
     LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **LLM_SIZES).save_pretrained(folder)
+                pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **sizes).save_pretrained(folder)
 
 
 def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
@@ -87,6 +101,38 @@ def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
             "bytes": (model_dir / CKPT_NAME).stat().st_size + sum(f.stat().st_size for f in llm_dir.iterdir())}
 
 
+REPORT_RUNS_MARKER = "<!-- runs: kept when the recipe rewrites this file -->"
+
+
+def write_report_md(path: Path, report: dict, device: torch.device) -> None:
+    """The rebuild's timings and tables at the top of REPORT.md; what follows
+    :data:`REPORT_RUNS_MARKER` in the existing file (the runs' learning curves) is kept."""
+    from click4caption.shapes.scoring import format_table
+
+    t = report["timings_s"]
+    lines = [
+        "# Shipped shapes model", "",
+        f"Rebuilt with `python -m click4caption_apps.shapes_recipe` (`make shapes-model`) on {device} "
+        f"({report['cpu_threads']} torch threads), {report['iterations']:,} iterations: data {t['data_s']:.0f} s, "
+        f"training {t['train_s']:.0f} s, export {t['export_s']:.0f} s, evaluation "
+        f"{sum(v for k, v in t.items() if k.startswith('eval_')):.0f} s; total {t['total_s'] / 60:.1f} min "
+        f"(load average at the end {', '.join(str(v) for v in report['load_average_at_end'])}).", "",
+        f"{report['params']:,} parameters, {report['bytes'] / 1e6:.1f} MB.", "",
+    ]
+    names = {"shapes": "fresh scenes of the training data's generator (`click4caption/shapes/world.py`, "
+                       "streams training never uses)",
+             "heldout": "scenes of the held-out generator (`click4caption/shapes/heldout.py`: another program "
+                        "following the spec, other layouts, drawing and statistics; never used in training)"}
+    for generator, table in report["evaluations"].items():
+        lines += [f"On {table['scenes']} {names[generator]}, seed {table['seed']}:", "", format_table(table["scores"]), ""]
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        if REPORT_RUNS_MARKER in old:
+            kept = old[old.index(REPORT_RUNS_MARKER):]
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Rebuild the shipped shapes model from scratch.")
     p.add_argument("--data", default=DATA_DIR, help="where the training data is written")
@@ -94,8 +140,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exp_name", default="shapes")
     p.add_argument("--options", nargs="+", default=None, help="overrides for train_configs/shapes_train.yaml")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--eval-scenes", type=int, default=100)
+    p.add_argument("--eval-scenes", type=int, default=200, help="fresh scenes of the training generator to score")
+    p.add_argument("--heldout-scenes", type=int, default=200,
+                   help="scenes of the held-out generator (click4caption/shapes/heldout.py) to score; 0: none")
     p.add_argument("--skip-train", action="store_true", help="export and evaluate the last checkpoint only")
+    p.add_argument("--llm-layers", type=int, default=None, help="LLM depth (default: the recipe's LLM_SIZES)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -111,18 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
 
     t = time.time()
-    params = {"num_images": NUM_IMAGES, "seed": DATA_SEED, "turns": TURNS, "pair_couples": PAIR_COUPLES}
+    params = {"num_images": NUM_IMAGES, "seed": DATA_SEED, "mix": dataclasses.asdict(INSTRUCT_MIX),
+              "variety": VARIETY, "version": DATA_VERSION}
     stamp = data / "recipe_params.json"
     if not stamp.exists() or json.loads(stamp.read_text()) != params:
         if data.exists():  # data of another recipe version: draw it again
             logger.info("regenerating %s (its parameters differ from this recipe's)", data)
             shutil.rmtree(data)
-        summary = write_shapes_dataset(data, NUM_IMAGES, seed=DATA_SEED, turns_per_record=TURNS,
-                                       pair_couples=PAIR_COUPLES)
+        summary = write_shapes_dataset(data, NUM_IMAGES, seed=DATA_SEED, mix=INSTRUCT_MIX, variety=VARIETY)
         stamp.write_text(json.dumps(params))
         logger.info("training data: %s", summary)
     timings["data_s"] = time.time() - t
-    write_llm_folder(model_dir / "llm")
+    write_llm_folder(model_dir / "llm", args.llm_layers)
 
     options = [f"model.llama_model={model_dir / 'llm'}",
                f"datasets.vg.build_info.storage={data / 'VisualGenome'}",
@@ -139,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     last = out_dir / "checkpoint_last.pth"
     if result is not None and result.last_checkpoint is not None:
         last = result.last_checkpoint
+    t = time.time()
     sizes = export(cfg, last, model_dir)
+    timings["export_s"] = time.time() - t
 
     from click4caption.captioner import Captioner
     from click4caption.generation import GenerationSettings
@@ -149,25 +200,37 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     eval_cfg = load_config(root / EVAL_CONFIG, [f"model.llama_model={model_dir / 'llm'}",
                                                f"model.ckpt={model_dir / CKPT_NAME}"])
+    differ = [k for k in SIZE_KEYS if getattr(eval_cfg.model, k) != getattr(cfg.model, k)]
+    if differ:  # sizes changed with --options: evaluate what was trained
+        logger.warning("%s differ from %s's; evaluating with the trained sizes", ", ".join(differ), EVAL_CONFIG)
+        for k in differ:
+            setattr(eval_cfg.model, k, getattr(cfg.model, k))
+        for ds in eval_cfg.datasets.values():
+            for proc in (ds.vis_processor.train, ds.vis_processor.eval):
+                if proc is not None:
+                    proc.image_size = cfg.model.image_size
     captioner = Captioner.from_config(eval_cfg, device=device, settings=GenerationSettings(max_new_tokens=60))
-    eval_dir = out_dir / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    scores = evaluate_shapes(captioner, DEFAULT_EVAL_SEED, args.eval_scenes, eval_dir)
-    timings["eval_s"] = time.time() - t
-    table = format_table(scores)
-    logger.info("shapes model scores:\n%s", table)
+    tables: dict[str, dict] = {}
+    for generator in ("shapes", "heldout"):
+        if generator == "heldout" and args.heldout_scenes <= 0:
+            continue
+        scenes = args.eval_scenes if generator == "shapes" else args.heldout_scenes
+        scores = evaluate_shapes(captioner, DEFAULT_EVAL_SEED, scenes, out_dir / f"eval-{generator}",
+                                 generator=generator)
+        tables[generator] = {"scenes": scenes, "seed": DEFAULT_EVAL_SEED, "scores": scores}
+        timings[f"eval_{generator}_s"] = time.time() - t
+        t = time.time()
+        logger.info("shapes model scores (%s generator, %d scenes):\n%s", generator, scenes, format_table(scores))
+    total = sum(timings.values())
     report = {
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "timings_s": {**{k: round(v, 1) for k, v in timings.items()}, "total_s": round(total, 1)},
         "iterations": cfg.run.max_epoch * cfg.run.iters_per_epoch,
         "device": str(device), "cpu_threads": torch.get_num_threads(), "machine": platform.platform(),
-        **sizes, "scores": scores,
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        **sizes, "evaluations": tables,
     }
     (model_dir / "REPORT.json").write_text(json.dumps(report, indent=2))
-    (model_dir / "REPORT.md").write_text(
-        f"# Shipped shapes model\n\nRebuilt with `python -m click4caption_apps.shapes_recipe` on {device} "
-        f"({torch.get_num_threads()} threads): data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, "
-        f"evaluation {timings['eval_s']:.0f} s.\n\n{sizes['params']:,} parameters, {sizes['bytes'] / 1e6:.1f} MB.\n\n"
-        f"Evaluated on {args.eval_scenes} fresh scenes (seed {DEFAULT_EVAL_SEED}):\n\n{table}\n")
+    write_report_md(model_dir / "REPORT.md", report, device)
     return 0
 
 

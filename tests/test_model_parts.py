@@ -460,3 +460,66 @@ def test_caption_processor() -> None:
     assert proc('A "Red" circle!  (left)') == "a red circle left"
     assert proc("one two three four five six") == "one two three four"
     assert BlipCaptionProcessor()("Hello: world; ~#*") == "hello world"
+
+
+def test_length_buckets() -> None:
+    from click4caption.models.click4caption import length_buckets
+
+    lengths = [40, 370, 120, 60, 200, 90, 300, 150]
+    buckets = length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(8)) and 1 < len(buckets) <= 3
+    assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in zip(buckets, buckets[1:]))
+    assert length_buckets([50] * 8) == [list(range(8))] and length_buckets([7]) == [[0]]
+
+
+def test_conversation_loss_is_the_mean_over_all_reply_tokens(tiny_model, monkeypatch) -> None:
+    """Rows go through the LLM in length buckets; the loss is what one padded call gives."""
+    import click4caption.models.click4caption as c4c
+
+    model = tiny_model
+    s = model.img_size
+    turns = [{"from": "human", "value": "image[IMG] What color is it?"}, {"from": "gpt", "value": "Red."}]
+    long = turns + [{"from": "human", "value": "image 2[IMG] Tell me what it is and write a description for it."},
+                    {"from": "gpt", "value": "A large blue circle."}, {"from": "human", "value": "What shape is image 1?"},
+                    {"from": "gpt", "value": "Square."}]
+    box = torch.tensor([[[2.0, 2.0], [20.0, 20.0]], [[4.0, 8.0], [s, s]]])
+    samples = {"image": torch.rand(2, 3, s, s), "image_index": [0, 1, 0, 1], "bbox": torch.stack([box] * 4),
+               "num_boxes": [1, 2, 1, 2], "conversations": [turns, long, turns, long]}
+    used: list[list[list[int]]] = []
+    real = c4c.length_buckets
+
+    def spy(lengths, **kwargs):
+        used.append(real(lengths, call_cost=0))
+        return used[-1]
+
+    with torch.no_grad():
+        monkeypatch.setattr(c4c, "length_buckets", spy)
+        bucketed = model(samples)["loss"]
+        monkeypatch.setattr(c4c, "length_buckets", lambda lengths, **_: [list(range(len(lengths)))])
+        single = model(samples)["loss"]
+    assert used == [[[0, 2], [1, 3]]]  # the short rows apart from the long ones
+    assert torch.allclose(bucketed, single, atol=1e-5)
+
+
+def test_box_attention_targets_cells_and_free_whole_image(tmp_path: Path) -> None:
+    """Cells of the box per query; with box_attention_whole_image 'free', a (near-)whole
+    image box lets every query look anywhere (the 4 x 4 patch grid of the tiny model)."""
+    from tests.tiny import tiny_model_config
+
+    from click4caption.models.builder import build_model
+
+    cells = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2),
+                        for_training=True)
+    free = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2,
+                                         box_attention_whole_image="free"), for_training=True)
+    boxes = torch.tensor([[[0.0, 0.0], [16.0, 16.0]], [[0.0, 0.0], [32.0, 32.0]], [[3.0, 5.0], [30.0, 28.0]]])
+    a, b = cells.box_attention.targets(boxes, 16), free.box_attention.targets(boxes, 16)
+    assert a.shape == (3, 4, 16)
+    # a quarter box: each query gets one patch of it, in row-major order
+    assert [int(a[0, q].reshape(4, 4).nonzero()[0, 0] * 4 + a[0, q].reshape(4, 4).nonzero()[0, 1]) for q in range(4)] \
+        == [0, 1, 4, 5]
+    assert torch.equal(a[0], b[0]) and a[1].sum(-1).tolist() == [4.0] * 4  # cells: a quarter of the image each
+    assert free.box_attention.is_near_full(boxes).tolist() == [False, True, True]
+    assert torch.all(b[1] == 1) and torch.all(b[2] == 1)  # whole image: anywhere
+    with pytest.raises(ConfigError, match="box_attention_whole_image"):
+        build_model(tiny_model_config(tmp_path, box_attention_whole_image="objects"), for_training=True)

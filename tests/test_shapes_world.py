@@ -31,7 +31,7 @@ from click4caption.shapes.world import (
     single_prompt,
     whole_image_caption,
 )
-from click4caption.shapes.writers import PART_STREAMS, write_shapes_dataset
+from click4caption.shapes.writers import PART_STREAMS, InstructMix, write_shapes_dataset
 
 
 def nearest_color(rgb: np.ndarray) -> str:
@@ -256,14 +256,55 @@ def test_writer_is_deterministic_and_multi_turn(tmp_path: Path) -> None:
     write_shapes_dataset(tmp_path / "c", counts, seed=4, progress=False)
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b") != _tree_digest(tmp_path / "c")
 
-    summary = write_shapes_dataset(tmp_path / "d", {"instruct": 3}, seed=3, turns_per_record=4, progress=False)
+    mix = InstructMix(turns_per_record=4, followups=1.0, same_shape=2)
+    summary = write_shapes_dataset(tmp_path / "d", {"instruct": 6}, seed=3, mix=mix, progress=False)
     records = json.loads((tmp_path / "d" / "region_instruct" / "instruct.json").read_text())
-    assert summary["instruct"]["records"] == len(records) and max(len(r["conversations"]) for r in records) == 8
+    assert summary["instruct"]["records"] == len(records)
+    assert max(len(r["conversations"]) for r in records) > 8  # up to 4 question turns plus follow-ups
+    followups = 0
     for rec in records:
-        img_count = sum(t["value"].count("[IMG]") for t in rec["conversations"] if t["from"] == "human")
+        image = Image.open(tmp_path / "d" / "region_instruct" / rec["image"])
+        humans = [t["value"] for t in rec["conversations"][0::2]]
+        replies = [t["value"] for t in rec["conversations"][1::2]]
+        img_count = sum(h.count("[IMG]") for h in humans)
         assert img_count == len(rec["boxes"])
+        assert humans[0].count("[IMG]") >= 1  # a conversation starts with a question bringing its regions
+        # regions are named as the demo names them: "image" alone, else "image N" counted over the conversation
+        names = re.findall(r"(image(?: \d+)?)\[IMG\]", " ".join(humans))
+        expected = [f"image {n}" for n in range(1, img_count + 1)]
+        if humans[0].count("[IMG]") == 1:
+            expected[0] = "image"
+        assert names == expected
+        # every follow-up about one region is answered by that region's pixels
+        numbered = list(rec["boxes"])
+        last: list[list[float]] = []
+        seen = 0
+        for human, reply in zip(humans, replies, strict=True):
+            new = human.count("[IMG]")
+            if new:
+                last = numbered[seen : seen + new]
+                seen += new
+                continue
+            followups += 1
+            match = re.fullmatch(r"What color is (it|image (\d)|the (first|second) one)\?", human)
+            if match:
+                if match.group(1) == "it":
+                    box = last[0]
+                elif match.group(2):
+                    box = numbered[int(match.group(2)) - 1]
+                else:
+                    box = numbered[("first", "second").index(match.group(3))]
+                assert reply == nearest_color(center_rgb(image, box)).capitalize() + ".", (human, reply)
+            else:
+                assert re.fullmatch(r"(What shape is|Is) (it|they|image \d|the (first|second) one)( large or small)?\?"
+                                    r"|Are they the same (color|shape)\?", human), human
+    assert followups > 10
+    assert all(re.fullmatch(r"[A-Z][a-z]+\.|A (small|large) \w+ \w+\.|\w+ shapes?: .*", t["value"])
+               for rec in records for t in rec["conversations"][1::2])
     with pytest.raises(ValueError):
         write_shapes_dataset(tmp_path / "e", {"coco": 1}, progress=False)
+    with pytest.raises(ValueError):
+        InstructMix(turns_per_record=0)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -277,8 +318,14 @@ def language_texts() -> list[str]:
     texts += [whole_image_caption(draw_scene(rng, n)[1]) for n in (1, 2, 3, 4, 5, None, None)]
     texts += [re.sub(r'[.!"()*#:;~]', " ", t.lower()) for t in texts[-7:]]  # as the LAION loader cleans them
     texts += ["Yes.", "No."]
+    from click4caption.shapes import dialogue
+
     prompts = [single_prompt(q) for q in world.SINGLE_QUESTIONS.values()]
     prompts += [pair_prompt(q) for q in world.PAIR_QUESTIONS.values()]
+    prompts += [dialogue.turn_prompt(dialogue.QUESTION_COUNT, 3, 1), dialogue.turn_prompt(world.QUESTION_SIZE, 12, 1)]
+    prompts += [dialogue.followup_question(a, dialogue.reference(kind, n)) for a in dialogue.ATTRIBUTE_TEMPLATES
+                for kind, n in (("it", 0), ("number", 7), ("ordinal", 1), ("ordinal", 2))]
+    texts += [dialogue.count_answer(n) for n in (2, 3, 4, 5)]
     texts += [f"### Human: {p}\n### Assistant:" for p in prompts]
     answers = ["A large red circle.", "Red.", "Circle."]
     texts += [f"### Human: {p}\n### Assistant: {a}\n###" for p, a in zip(prompts[:3], answers, strict=True)]
@@ -427,3 +474,125 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         cli_main(["--out", str(tmp_path / "x")])  # nothing to write
     with pytest.raises(SystemExit):
         cli_main(["--out", str(tmp_path / "x"), "--vg", "-1"])
+
+
+# ----------------------------------------------------------------------------- follow-ups
+def test_dialogue_names_regions_as_the_demo_does() -> None:
+    from click4caption_apps.demo.session import prepare_question
+
+    from click4caption.shapes import dialogue
+
+    assert dialogue.turn_prompt("What color is it?", 1, 1) == "image[IMG] What color is it?"
+    assert dialogue.turn_prompt("Are they the same shape?", 1, 2) == pair_prompt(world.QUESTION_SAME_SHAPE)
+    assert dialogue.turn_prompt("What color is it?", 3, 1) == "image 3[IMG] What color is it?"
+    # the demo inserts the same placeholders when the user types none
+    assert prepare_question("What color is it?", 1, 2)[0] == dialogue.turn_prompt("What color is it?", 3, 1)
+    assert prepare_question("What color is it?", 1, 0)[0] == dialogue.turn_prompt("What color is it?", 1, 1)
+    assert prepare_question("Are they the same shape?", 2, 0)[0] == dialogue.turn_prompt("Are they the same shape?", 1, 2)
+    assert dialogue.followup_question("color", "it") == world.QUESTION_COLOR
+    assert dialogue.followup_question("size", "it") == world.QUESTION_SIZE
+    assert dialogue.followup_question("shape", dialogue.reference("number", 2)) == "What shape is image 2?"
+    assert dialogue.followup_question("color", dialogue.reference("ordinal", 1)) == "What color is the first one?"
+    with pytest.raises(ValueError):
+        dialogue.reference("third", 3)
+
+
+@pytest.fixture(scope="module")
+def followup_items(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    from click4caption.shapes.scoring import make_followup_items
+
+    return make_followup_items(seed=21, num_scenes=24, image_dir=tmp_path_factory.mktemp("followups"))
+
+
+def test_followup_items(followup_items: list[dict]) -> None:
+    kinds = [it["meta"]["kind"] for it in followup_items]
+    assert kinds.count("followup_color") == kinds.count("followup_shape") == 24
+    refs = {it["meta"]["ref"].split()[0] for it in followup_items}
+    afters = {it["meta"]["after"] for it in followup_items}
+    assert refs == {"it", "image", "the"} and afters == {"describe", "same_color", "same_shape", "two_questions"}
+    for item in followup_items:
+        image = Image.open(item["image"])
+        turns, meta = item["turns"], item["meta"]
+        assert turns[-1]["boxes"] == [] and "[IMG]" not in turns[-1]["question"]
+        assert all(t["question"].count("[IMG]") == len(t["boxes"]) >= 1 for t in turns[:-1])
+        boxes = [b for t in turns for b in t["boxes"]]
+        match = re.fullmatch(r"What (color|shape) is (it|image (\d)|the (first|second) one)\?", turns[-1]["question"])
+        assert match and meta["kind"] == f"followup_{match.group(1)}"
+        number = 1 if match.group(2) == "it" else int(match.group(3) or ("first", "second").index(match.group(4)) + 1)
+        target = meta["objects"][meta["target"]]
+        assert boxes[number - 1] == [target["box"][0], target["box"][1], target["box"][0] + target["box"][2],
+                                     target["box"][1] + target["box"][3]]
+        if match.group(1) == "color":
+            assert meta["answer"] == nearest_color(center_rgb(image, boxes[number - 1])).capitalize() + "."
+        if meta["after"] == "two_questions":  # the other region was asked exactly this attribute
+            other = turns[2 - number]["question"]
+            assert ("color" if "color" in other else "shape") == match.group(1)
+
+
+def test_followup_row(followup_items: list[dict], eval_items: list[dict]) -> None:
+    perfect = score(followup_items, [it["meta"]["answer"] for it in followup_items])
+    assert set(perfect) == {"followup"} and perfect["followup"]["parts"] == {"colour": 1.0, "shape": 1.0}
+    assert perfect["followup"]["value"] == 1.0 and perfect["followup"]["passed"]
+    # answering about the wrong region (the other one of two), or "Yes." to a colour question
+    wrong = []
+    for it in followup_items:
+        meta = it["meta"]
+        attribute = meta["kind"].removeprefix("followup_")
+        others = [o for k, o in enumerate(meta["objects"]) if k != meta["target"] and o[attribute] != meta["objects"][meta["target"]][attribute]]
+        wrong.append(others[0][attribute].capitalize() + "." if others and attribute == "shape" else "Yes.")
+    bad = score(followup_items, wrong)
+    assert bad["followup"]["value"] < 0.5 and not bad["followup"]["passed"]
+    both = score(eval_items + followup_items, [it["meta"]["answer"] for it in eval_items + followup_items])
+    table = format_table(both)
+    assert len(table.splitlines()) == 2 + 8 and "Follow-up" in table.splitlines()[-1] and "colour 100.0 %" in table
+
+
+# ----------------------------------------------------------------------------- held-out generator
+def test_heldout_generator_follows_the_spec(tmp_path: Path) -> None:
+    from click4caption.shapes.heldout import LAYOUTS, draw_heldout_scene, make_heldout_items
+
+    rng = np.random.default_rng(3)
+    counts = set()
+    for k in range(60):
+        image, scene = draw_heldout_scene(rng, LAYOUTS[k % len(LAYOUTS)])
+        width, height = scene.width, scene.height
+        assert 192 <= width <= 320 and 192 <= height <= 320 and image.size == (width, height)
+        assert 1 <= len(scene.objects) <= 5
+        counts.add(len(scene.objects))
+        for o in scene.objects:
+            x, y, w, h = o.box
+            lo, hi = SIZES[o.size]
+            assert w == h and lo * min(width, height) <= w <= hi * min(width, height)
+            assert x >= 2 and y >= 2 and x + w <= width - 2 and y + h <= height - 2
+            assert nearest_color(center_rgb(image, o.box_xyxy)) == o.color  # noise is small next to the palette
+        for a, b in itertools.combinations(scene.objects, 2):
+            ax, ay, aw, ah = a.box
+            bx, by, bw, bh = b.box
+            assert ax + aw + 4 <= bx or bx + bw + 4 <= ax or ay + ah + 4 <= by or by + bh + 4 <= ay
+    assert {2, 3, 4, 5} <= counts
+    items = make_heldout_items(5, 8, tmp_path)
+    kinds = [it["meta"]["kind"] for it in items]
+    assert {k: kinds.count(k) for k in set(kinds)} == {k: 8 for k in ("describe", "color", "shape", "size", "whole",
+                                                                      "same_color", "same_shape")}
+    perfect = score(items, [it["meta"]["answer"] for it in items])
+    assert all(s["value"] == 1.0 for s in perfect.values())
+
+
+def test_varied_training_scenes_follow_the_spec() -> None:
+    from click4caption.shapes.variety import draw_varied_scene
+
+    rng = np.random.default_rng(8)
+    for _ in range(80):
+        image, scene = draw_varied_scene(rng)
+        width, height = scene.width, scene.height
+        assert image.size == (width, height) and 1 <= len(scene.objects) <= 5
+        for o in scene.objects:
+            x, y, w, h = o.box
+            lo, hi = SIZES[o.size]
+            assert w == h and lo * min(width, height) <= w <= hi * min(width, height)
+            assert x >= 2 and y >= 2 and x + w <= width - 2 and y + h <= height - 2
+            assert nearest_color(center_rgb(image, o.box_xyxy)) == o.color
+        for a, b in itertools.combinations(scene.objects, 2):
+            ax, ay, aw, ah = a.box
+            bx, by, bw, bh = b.box
+            assert ax + aw + 4 <= bx or bx + bw + 4 <= ax or ay + ah + 4 <= by or by + bh + 4 <= ay

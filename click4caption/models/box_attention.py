@@ -5,7 +5,9 @@ From random initialisation the learned queries attend almost uniformly, so the b
 content never reaches the LLM (the shapes model's prototype found shape at chance). This
 aid adds ``weight * mean(-log(attention mass of each query inside its target))`` to the
 training loss, the target being the box, or with ``grid`` g > 0 the query's own cell of a
-g x g grid over the box (so the box's layout reaches the LLM).
+g x g grid over the box (so the box's layout reaches the LLM). With ``whole_image="free"``
+the queries of a (near-)whole-image box may look anywhere in the image instead: cells
+split large objects between queries, and the whole-image description has to count them.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -19,6 +21,9 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from click4caption.boxes import NEAR_FULL_BOX_JITTER
+from click4caption.errors import ConfigError
 
 #: the Q-Former attention implementation the aid needs (it reads attention maps)
 ATTN_IMPLEMENTATION = "eager"
@@ -34,12 +39,17 @@ class BoxAttentionAid:
         num_queries: Q, the learned queries (the corner tokens after them are not pulled).
         grid_size: ``(H, W)`` patches of the image tokens.
         image_size: S, the model input side (boxes are in ``[0, S]`` pixels).
+        whole_image: ``"cells"``: (near-)whole-image boxes get cells like any box;
+            ``"free"``: their queries target the whole image.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
-                 image_size: int) -> None:
+                 image_size: int, whole_image: str = "cells") -> None:
+        if whole_image not in ("cells", "free"):
+            raise ConfigError(f"box attention: whole_image must be 'cells' or 'free', got {whole_image!r}")
         self.weight = weight
         self.grid = grid
+        self.whole_image = whole_image
         self.num_queries = num_queries
         self.grid_size = grid_size
         self.image_size = image_size
@@ -116,6 +126,23 @@ class BoxAttentionAid:
         top_left = tl + start * size
         return torch.stack([top_left, top_left + size / g], dim=2)
 
+    def is_near_full(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``Nx2x2`` boxes -> ``N`` bools: every corner within the near-full jitter of the border."""
+        s, j = float(self.image_size), NEAR_FULL_BOX_JITTER
+        return (boxes[:, 0] <= j).all(-1) & (boxes[:, 1] >= s - j).all(-1)
+
+    def targets(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Where each learned query should look: ``Nx2x2`` boxes -> ``NxQxT`` masks
+        (its cell, or the whole image for a near-full box with ``whole_image="free"``)."""
+        n, q = boxes.shape[0], self.num_queries
+        cells = self.query_cells(boxes).reshape(n * q, 2, 2)
+        mask = self.inside_box_mask(cells, num_tokens).reshape(n, q, -1)
+        if self.whole_image == "free" and self.grid > 0:
+            image = boxes.new_tensor([[[0.0, 0.0], [float(self.image_size)] * 2]])
+            anywhere = self.inside_box_mask(image, num_tokens)  # 1xT
+            mask = torch.where(self.is_near_full(boxes)[:, None, None], anywhere[:, None], mask)
+        return mask
+
     def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).
 
@@ -124,7 +151,6 @@ class BoxAttentionAid:
             boxes: ``Nx2x2`` in model pixels.
         """
         n, q = boxes.shape[0], self.num_queries
-        cells = self.query_cells(boxes).reshape(n * q, 2, 2)
-        mask = self.inside_box_mask(cells, maps[0].shape[-1]).reshape(n, 1, q, -1)
+        mask = self.targets(boxes, maps[0].shape[-1]).reshape(n, 1, q, -1)
         losses = [-(m[:, :, :q] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
         return torch.stack(losses).mean()

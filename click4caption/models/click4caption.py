@@ -6,6 +6,7 @@ Public methods keep upstream names and semantics (``encode_img_with_bbox``,
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 from typing import Any, Sequence
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from click4caption.boxes import NEAR_FULL_BOX_JITTER
 from click4caption.errors import InputError
 from click4caption.models.box_attention import BoxAttentionAid
 from click4caption.models.prompt_encoder import PromptEncoder
@@ -23,8 +25,8 @@ from click4caption.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-# random near-full box used for whole-image captions: corners within half a ViT patch
-NEAR_FULL_BOX_JITTER = 7.0
+#: text pieces whose token ids training keeps (conversation rows repeat them)
+TOKEN_CACHE_SIZE = 4096
 
 
 class Click4Caption(nn.Module):
@@ -82,6 +84,7 @@ class Click4Caption(nn.Module):
         self.img_size, self.delete_vit_cls_token, self.add_img_pe = image_size, delete_vit_cls_token, add_img_pe
         self.max_txt_len, self.end_sym, self.prompt_list = max_txt_len, end_sym, list(prompt_list)
         self.frozen_parts: tuple[str, ...] = ()
+        self._ids_cache: dict[tuple[str, bool], torch.Tensor] = {}
 
     def freeze(self, parts: Sequence[str]) -> None:
         """No gradients for the named parts (top-level attribute names, e.g.
@@ -297,17 +300,24 @@ class Click4Caption(nn.Module):
             emb, lab = self.conversation_training_row(turns, regions)
             seqs.append(emb)
             labels.append(lab)
-        width = max(s.shape[0] for s in seqs)
-        e = seqs[0].shape[-1]
-        inputs = seqs[0].new_zeros(len(seqs), width, e)
-        targets = torch.full((len(seqs), width), -100, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        for i, (s, lab) in enumerate(zip(seqs, labels)):
-            inputs[i, : s.shape[0]] = s
-            targets[i, : s.shape[0]] = lab
-            mask[i, : s.shape[0]] = 1
-        out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
-        return self._losses(out.loss)
+        # rows of similar length go through the LLM together (less padding); the loss is
+        # the mean over all reply tokens of the batch, as one padded call gives
+        total = sum(int((lab[1:] != -100).sum()) for lab in labels)
+        loss_sum = seqs[0].new_zeros((), dtype=torch.float32)
+        for bucket in length_buckets([s.shape[0] for s in seqs]):
+            width = max(seqs[i].shape[0] for i in bucket)
+            inputs = seqs[0].new_zeros(len(bucket), width, seqs[0].shape[-1])
+            targets = torch.full((len(bucket), width), -100, dtype=torch.long, device=self.device)
+            mask = torch.zeros(len(bucket), width, dtype=torch.long, device=self.device)
+            for k, i in enumerate(bucket):
+                inputs[k, : seqs[i].shape[0]] = seqs[i]
+                targets[k, : seqs[i].shape[0]] = labels[i]
+                mask[k, : seqs[i].shape[0]] = 1
+            logits = self.llama_model(inputs_embeds=inputs, attention_mask=mask, return_dict=True).logits
+            loss_sum = loss_sum + nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum")
+        return self._losses(loss_sum / max(total, 1))
 
     def conversation_training_row(
         self, turns: Sequence[dict[str, str]], regions: torch.Tensor | None
@@ -326,22 +336,60 @@ class Click4Caption(nn.Module):
         n_regions = 0 if regions is None else regions.shape[0]
         if n_img != n_regions:
             raise InputError(f"{n_img} {IMG_TOKEN} placeholders but {n_regions} regions")
-        embs: list[torch.Tensor] = []
-        labs: list[torch.Tensor] = []
-        region_i, first = 0, True
+        parts: list[tuple[torch.Tensor | None, bool]] = []  # (ids, is_target); None: a region
+        first = True
         for text, is_target in pieces:
             segs = [text] if is_target else text.split(IMG_TOKEN)
             for j, seg in enumerate(segs):
                 if j > 0:
-                    embs.append(regions[region_i])
-                    labs.append(torch.full((regions.shape[1],), -100, dtype=torch.long, device=self.device))
-                    region_i += 1
-                ids = torch.as_tensor(self.llama_tokenizer.encode(seg, add_bos=first), dtype=torch.long,
-                                      device=self.device)
+                    parts.append((None, False))
+                parts.append((self._token_ids(seg, first), is_target))
                 first = False
-                embs.append(self.embed_tokens(ids[None])[0])
-                labs.append(ids.clone() if is_target else torch.full_like(ids, -100))
-        return torch.cat(embs), torch.cat(labs)
+        ids_all = torch.cat([ids for ids, _ in parts if ids is not None]).to(self.device)
+        emb_all = self.embed_tokens(ids_all[None])[0]  # one lookup for the whole row
+        embs: list[torch.Tensor] = []
+        labs: list[torch.Tensor] = []
+        region_i, offset = 0, 0
+        for ids, is_target in parts:
+            if ids is None:
+                embs.append(regions[region_i])
+                labs.append(torch.full((regions.shape[1],), -100, dtype=torch.long))
+                region_i += 1
+                continue
+            embs.append(emb_all[offset:offset + len(ids)])
+            labs.append(ids if is_target else torch.full_like(ids, -100))
+            offset += len(ids)
+        return torch.cat(embs), torch.cat(labs).to(self.device)
+
+    def _token_ids(self, text: str, bos: bool) -> torch.Tensor:
+        """Token ids of one text piece (on the CPU), cached: training texts repeat a lot."""
+        key = (text, bos)
+        ids = self._ids_cache.get(key)
+        if ids is None:
+            ids = torch.as_tensor(self.llama_tokenizer.encode(text, add_bos=bos), dtype=torch.long)
+            if len(self._ids_cache) >= TOKEN_CACHE_SIZE:
+                self._ids_cache.clear()
+            self._ids_cache[key] = ids
+        return ids
+
+
+def length_buckets(lengths: Sequence[int], max_buckets: int = 3, call_cost: int = 64) -> list[list[int]]:
+    """Split rows into at most ``max_buckets`` groups of similar length.
+
+    Minimises the padded tokens of all groups plus ``call_cost`` tokens per group (a
+    separate LLM call is not free); returns row indices, groups in order of length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    best: tuple[int, list[int]] = (sorted_lengths[-1] * n + call_cost, [])
+    for splits in (c for k in range(1, max_buckets) for c in itertools.combinations(range(1, n), k)):
+        bounds = [0, *splits, n]
+        cost = sum(sorted_lengths[b - 1] * (b - a) + call_cost for a, b in zip(bounds, bounds[1:]))
+        if cost < best[0]:
+            best = (cost, list(splits))
+    bounds = [0, *best[1], n]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def caption_rows(text_input: Sequence[Any], batch: int, num_regions: int) -> list[str]:

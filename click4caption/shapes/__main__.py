@@ -15,7 +15,7 @@ from pathlib import Path
 
 from click4caption.shapes.scoring import make_eval_items
 from click4caption.shapes.tokenizer import build_shapes_tokenizer
-from click4caption.shapes.writers import write_shapes_dataset
+from click4caption.shapes.writers import InstructMix, write_shapes_dataset
 
 OUTPUT_DIRS = {"vg": "VisualGenome", "laion": "LAION", "instruct": "region_instruct", "eval": "eval"}
 
@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", type=_count, default=0, help="evaluation scenes (items.json)")
     parser.add_argument("--tokenizer", action="store_true", help="also save the shapes tokenizer")
     parser.add_argument("--shard-size", type=_positive, default=500, help="samples per LAION shard")
-    parser.add_argument("--turns", type=_positive, default=1, help="question/answer pairs per instruct record")
+    parser.add_argument("--turns", type=_positive, default=1,
+                        help="most question turns bringing regions per instruct record (records get 1..N)")
     parser.add_argument("--pair-couples", type=_count, default=1, help="Yes/No couples per pair kind and image")
+    parser.add_argument("--followups", type=float, default=0.0,
+                        help="expected text-only follow-up questions after each turn about objects")
     parser.add_argument("--objects", type=_positive, default=None, help="force the object count of every scene")
     parser.add_argument("--overwrite", action="store_true", help="write into existing part folders")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -69,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         {part: counts[part] for part in ("vg", "laion", "instruct")},
         args.seed,
         laion_shard_size=args.shard_size,
-        turns_per_record=args.turns,
-        pair_couples=args.pair_couples,
+        mix=InstructMix(same_color=args.pair_couples, same_shape=args.pair_couples, turns_per_record=args.turns,
+                        followups=args.followups),
         num_objects=args.objects,
         progress=not args.no_progress,
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from click4caption.shapes import dialogue
 from click4caption.shapes.world import (
     COLORS,
     COUNT_WORDS,
@@ -36,6 +37,8 @@ from click4caption.shapes.world import (
 #: Stream index of evaluation scenes (writers.PART_STREAMS uses 1-3), so even a
 #: training seed reused here draws different scenes.
 EVAL_STREAM = 1000
+#: Stream index of the follow-up conversations' scenes.
+FOLLOWUP_STREAM = 1001
 REJECTION_TRIES = 1000
 
 #: kind -> (question, measure, bar), in table order.
@@ -47,8 +50,12 @@ BARS: dict[str, tuple[str, str, float]] = {
     "same_color": ("Two boxes, same colour", "balanced accuracy", 0.85),
     "same_shape": ("Two boxes, same shape", "balanced accuracy", 0.85),
     "whole": ("Describe, whole image", "count word right", 0.80),
+    "followup": ("Follow-up without [IMG] (it / image N / the first one)",
+                 "exact answer, colour and shape each (the lower shown)", 0.95),
 }
 KINDS: tuple[str, ...] = tuple(BARS)
+#: The follow-up row's parts (scored as exact answers, reported by the lower one).
+FOLLOWUP_KINDS: dict[str, str] = {"followup_color": "colour", "followup_shape": "shape"}
 
 
 def _object_meta(scene: Scene) -> list[dict[str, Any]]:
@@ -115,6 +122,71 @@ def make_eval_items(seed: int, num_scenes: int, image_dir: Path | str) -> list[d
     return items
 
 
+def make_followup_items(seed: int, num_scenes: int, image_dir: Path | str) -> list[dict[str, Any]]:
+    """Conversations whose last question is a text-only follow-up about an earlier region.
+
+    Per scene (saved as ``<scene>_followup.png``), two conversations, one asking a
+    colour and one a shape (alternating over scenes):
+
+    - the Describe question about a random object, then ``What color is it?`` (or shape);
+    - two objects asked about, alternating between one pair question (``image 1[IMG]
+      image 2[IMG] Are they the same color?``) and two one-region questions
+      (``image[IMG] What shape is it?``, ``image 2[IMG] What color is it?``), then a
+      question about ``image 1`` / ``image 2`` or ``the first one`` / ``the second one``
+      (alternating) asking what was not asked of that region (after two one-region
+      questions, the other region was asked exactly that: a wrong reference shows).
+
+    Items: ``{"image", "turns": [{"boxes", "question"}, ...], "meta"}``; the last turn
+    has no box. ``meta`` holds ``kind`` (``followup_color`` / ``followup_shape``),
+    ``answer``, ``ref``, ``after``, ``scene``, ``objects`` and ``target``. Scenes come
+    from their own stream, so :func:`make_eval_items` is unchanged.
+    """
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, FOLLOWUP_STREAM])
+    items: list[dict[str, Any]] = []
+    for index in range(num_scenes):
+        for _ in range(REJECTION_TRIES):
+            image, scene = draw_scene(rng)
+            if len(scene.objects) >= 2:
+                break
+        else:
+            raise RuntimeError(f"no scene with two objects in {REJECTION_TRIES} draws")
+        path = image_dir / f"{index:05d}_followup.png"
+        image.save(path)
+        objs = scene.objects
+        base = {"scene": index, "count": len(objs), "objects": _object_meta(scene)}
+        describe_attr, pair_attr = ("color", "shape") if index % 2 == 0 else ("shape", "color")
+
+        target = int(rng.integers(len(objs)))
+        turns = [{"boxes": [objs[target].box_xyxy], "question": single_prompt(SINGLE_QUESTIONS["describe"])},
+                 {"boxes": [], "question": dialogue.followup_question(describe_attr, "it")}]
+        meta = {**base, "kind": f"followup_{describe_attr}", "answer": single_answer(describe_attr, objs[target]),
+                "target": target, "ref": "it", "after": "describe"}
+        items.append({"image": str(path), "turns": turns, "meta": meta})
+
+        i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
+        if (index // 2) % 2 == 0:
+            kind = "same_shape" if pair_attr == "color" else "same_color"  # not the attribute asked next
+            turns = [{"boxes": [objs[i].box_xyxy, objs[j].box_xyxy], "question": pair_prompt(PAIR_QUESTIONS[kind])}]
+            number = 1 + int(rng.integers(2))
+            after = kind
+        else:  # the target was asked the other attribute, the other region this one (a distractor)
+            other = "shape" if pair_attr == "color" else "color"
+            number = 1 + int(rng.integers(2))
+            asked = (other, pair_attr) if number == 1 else (pair_attr, other)
+            turns = [{"boxes": [objs[i].box_xyxy], "question": dialogue.turn_prompt(SINGLE_QUESTIONS[asked[0]], 1, 1)},
+                     {"boxes": [objs[j].box_xyxy], "question": dialogue.turn_prompt(SINGLE_QUESTIONS[asked[1]], 2, 1)}]
+            after = "two_questions"
+        ref = dialogue.reference("number" if (index // 4) % 2 == 0 else "ordinal", number)
+        turns.append({"boxes": [], "question": dialogue.followup_question(pair_attr, ref)})
+        target = (i, j)[number - 1]
+        meta = {**base, "kind": f"followup_{pair_attr}", "answer": single_answer(pair_attr, objs[target]),
+                "target": target, "ref": ref, "after": after}
+        items.append({"image": str(path), "turns": turns, "meta": meta})
+    return items
+
+
 # ----------------------------------------------------------------------------- scoring
 def _normalise(answer: str) -> str:
     return answer.strip().rstrip(".").strip().lower()
@@ -167,6 +239,17 @@ def score(items: list[dict[str, Any]], answers: list[str]) -> dict[str, dict[str
 
     results: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
+        if kind == "followup":
+            parts = {name: hits[k] for k, name in FOLLOWUP_KINDS.items() if k in hits}
+            if parts:
+                question, measure, bar = BARS[kind]
+                values = {name: float(np.mean(oks)) for name, oks in parts.items()}
+                value = min(values.values())
+                results[kind] = {"question": question, "measure": measure, "bar": bar,
+                                 "n": sum(len(oks) for oks in parts.values()), "parts": values,
+                                 "parts_n": {name: len(oks) for name, oks in parts.items()},
+                                 "value": value, "passed": value >= bar}
+            continue
         if kind not in hits:
             continue
         question, measure, bar = BARS[kind]
@@ -192,6 +275,9 @@ def format_table(scores: dict[str, dict[str, Any]]) -> str:
             continue
         s = scores[kind]
         value = f"{100 * s['value']:.1f} % (n={s['n']})"
+        if "parts" in s:
+            parts = ", ".join(f"{name} {100 * v:.1f} %" for name, v in s["parts"].items())
+            value = f"{100 * s['value']:.1f} % ({parts}; n={s['n']})"
         result = "pass" if s["passed"] else "FAIL"
         lines.append(f"| {s['question']} | {s['measure']} | {value} | >= {100 * s['bar']:.0f} % | {result} |")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from click4caption.shapes.dialogue import ATTRIBUTE_TEMPLATES, ORDINALS, QUESTION_COUNT
 from click4caption.shapes.world import COLORS, COUNT_WORDS, PAIR_QUESTIONS, SHAPES, SINGLE_QUESTIONS, SIZES
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ def shapes_words() -> list[str]:
     attributes = [*SHAPES, *COLORS, *SIZES, *COUNT_WORDS.values(), "yes", "no", "a", "and", "shape", "shapes"]
     for word in attributes:
         words |= {word, word.capitalize()}
-    for question in [*SINGLE_QUESTIONS.values(), *PAIR_QUESTIONS.values()]:
+    words |= set(ORDINALS)
+    for question in [*SINGLE_QUESTIONS.values(), *PAIR_QUESTIONS.values(),
+                     *(t.format(ref="it") for t in ATTRIBUTE_TEMPLATES.values()),
+                     QUESTION_COUNT]:
         words |= set(re.findall(r"[A-Za-z]+", question))
     return sorted(words)
 

@@ -9,11 +9,11 @@ content depends only on ``(seed, part, its size)``:
   (``caption``, ``width``, ``height``, ``key``) and ``<key>.txt``.
 - ``region_instruct/``: LLaVA-style ``instruct.json`` plus ``images/<id>.jpg``.
 
-Instruction records: by default one question/answer pair per record and several
-records per image (every object asked every single-region question, up to
-``pair_couples`` Yes/No couples per pair question, and the whole-image Describe), so
-that a batch mixes images freely; ``turns_per_record > 1`` groups an image's pairs
-into multi-turn conversations instead.
+Instruction records: an :class:`InstructMix` says what each scene is asked (by default
+every spec question about every object, one Yes/No couple per pair question and the
+whole-image Describe, one question per record, so that a batch mixes images freely)
+and how the questions are grouped into multi-turn conversations with text-only
+follow-ups (:mod:`click4caption.shapes.dialogue`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from click4caption.shapes import dialogue
+from click4caption.shapes.variety import draw_varied_scene
 from click4caption.shapes.world import (
     PAIR_QUESTIONS,
     SINGLE_QUESTIONS,
@@ -38,10 +42,8 @@ from click4caption.shapes.world import (
     draw_scene,
     find_pairs,
     pair_answer,
-    pair_prompt,
     region_phrase,
     single_answer,
-    single_prompt,
     whole_image_caption,
 )
 
@@ -51,6 +53,8 @@ PARTS: tuple[str, ...] = ("vg", "laion", "instruct")
 #: Stream index of each part: ``numpy.random.default_rng([seed, PART_STREAMS[part]])``.
 PART_STREAMS: dict[str, int] = {"vg": 1, "laion": 2, "instruct": 3}
 JPEG_QUALITY = 95
+#: a text-only "Are they the same ...?" follow-up answered No is kept with this probability
+THEY_NO_KEEP = 0.15
 VG_URL = "https://cs.stanford.edu/people/rak248/VG_100K/{}.jpg"
 
 
@@ -61,12 +65,17 @@ def _jpeg_bytes(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 
 
 def _scenes(
-    seed: int, part: str, count: int, num_objects: int | None, progress: bool
+    seed: int, part: str, count: int, num_objects: int | None, progress: bool, variety: float = 0.0
 ) -> Iterator[tuple[int, Image.Image, Scene, np.random.Generator]]:
-    """Yield ``(index, image, scene, rng)`` from one part's deterministic stream."""
+    """Yield ``(index, image, scene, rng)`` from one part's deterministic stream; with
+    ``variety`` > 0 that share of the scenes is laid out and drawn in other styles
+    (:func:`click4caption.shapes.variety.draw_varied_scene`)."""
     rng = np.random.default_rng([seed, PART_STREAMS[part]])
     for index in tqdm(range(count), desc=part, unit="img", disable=not progress):
-        image, scene = draw_scene(rng, num_objects)
+        if variety > 0:
+            image, scene = draw_varied_scene(rng, num_objects, variety)
+        else:
+            image, scene = draw_scene(rng, num_objects)
         yield index, image, scene, rng
 
 
@@ -77,14 +86,15 @@ def _dump_json(path: Path, data: Any) -> None:
 
 # ----------------------------------------------------------------------------- Visual Genome
 def write_visual_genome(
-    root: Path | str, count: int, seed: int, num_objects: int | None = None, progress: bool = False
+    root: Path | str, count: int, seed: int, num_objects: int | None = None, progress: bool = False,
+    variety: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``count`` scenes as Visual Genome v1.2 under ``root`` (image ids from 1)."""
     root = Path(root)
     (root / "VG_100K").mkdir(parents=True, exist_ok=True)
     image_data, region_descriptions = [], []
     region_id = 0
-    for index, image, scene, _ in _scenes(seed, "vg", count, num_objects, progress):
+    for index, image, scene, _ in _scenes(seed, "vg", count, num_objects, progress, variety):
         image_id = index + 1
         image.save(root / "VG_100K" / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY)
         image_data.append(
@@ -132,6 +142,7 @@ def write_laion(
     shard_size: int = 500,
     num_objects: int | None = None,
     progress: bool = False,
+    variety: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``count`` scenes as LAION-style webdataset shards of ``shard_size`` samples."""
     if shard_size < 1:
@@ -141,7 +152,7 @@ def write_laion(
     tar: tarfile.TarFile | None = None
     shards = 0
     try:
-        for index, image, scene, _ in _scenes(seed, "laion", count, num_objects, progress):
+        for index, image, scene, _ in _scenes(seed, "laion", count, num_objects, progress, variety):
             if index % shard_size == 0:
                 if tar is not None:
                     tar.close()
@@ -160,95 +171,198 @@ def write_laion(
 
 
 # ----------------------------------------------------------------------------- region instructions
-def scene_questions(scene: Scene, rng: np.random.Generator, pair_couples: int = 1) -> list[dict[str, Any]]:
-    """Every question asked about one scene, as ``{"kind", "boxes", "question", "answer"}``.
+@dataclass(frozen=True)
+class InstructMix:
+    """What the region-instruction records of one scene ask, and how they are grouped.
 
-    Single-region kinds are asked about every object; each pair kind gets up to
-    ``pair_couples`` couples of one Yes pair and one No pair (only as many couples as
-    the scene has distinct pairs of both answers, so Yes and No stay balanced); the
-    whole-image box gets the Describe question answered by the whole-image caption.
-    Boxes are ``[x1, y1, x2, y2]`` in original pixels, one per ``[IMG]``.
+    Per-object kinds (``describe``, ``color``, ``shape``, ``size``) are expected
+    questions per object: ``0.5`` asks about a random half of the objects, ``2`` asks
+    every object twice (the two questions land in different places of the stream).
+    Pair kinds are Yes/No couples per scene (only as many as the scene has distinct
+    pairs of both answers, so Yes and No stay balanced); ``whole`` is whole-image
+    Describe questions per scene, ``count`` whole-image ``How many shapes are there?``
+    questions (answered with the count word the description starts with).
+
+    The questions of a scene are shuffled and grouped into conversations of 1 to
+    ``turns_per_record`` question turns (uniformly), each bringing its own regions,
+    named as the demo names them (``image[IMG]`` for a conversation's only region,
+    else ``image N[IMG]``). After each turn about objects come on average
+    ``followups`` text-only follow-ups about regions already in the conversation
+    (:mod:`click4caption.shapes.dialogue`: ``it``, ``they``, ``image N``, ``the first
+    one``); 0 writes none.
     """
-    questions = []
-    for obj in scene.objects:
+
+    describe: float = 1.0
+    color: float = 1.0
+    shape: float = 1.0
+    size: float = 1.0
+    same_color: int = 1
+    same_shape: int = 1
+    whole: int = 1
+    count: int = 0
+    turns_per_record: int = 1
+    followups: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.turns_per_record < 1:
+            raise ValueError(f"turns_per_record must be >= 1, got {self.turns_per_record}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if any(v < 0 for v in values.values()):
+            raise ValueError(f"InstructMix values must be >= 0, got {values}")
+
+
+def _draw_count(rng: np.random.Generator, expected: float) -> int:
+    """``floor(expected)``, plus one with probability ``expected - floor(expected)``."""
+    whole = int(math.floor(expected))
+    return whole + int(rng.random() < expected - whole)
+
+
+def scene_tasks(scene: Scene, rng: np.random.Generator, mix: InstructMix) -> list[dict[str, Any]]:
+    """The questions that bring regions, as ``{"kind", "objects", "question", "answer"}``.
+
+    ``objects`` lists the asked objects' indices (one, or two for pair kinds), or is
+    None for the whole-image box; ``question`` is the bare question (no placeholder).
+    """
+    tasks: list[dict[str, Any]] = []
+    for i, obj in enumerate(scene.objects):
         for kind, text in SINGLE_QUESTIONS.items():
-            questions.append(
-                {
-                    "kind": kind,
-                    "boxes": [obj.box_xyxy],
-                    "question": single_prompt(text),
-                    "answer": single_answer(kind, obj),
-                }
-            )
+            for _ in range(_draw_count(rng, getattr(mix, kind))):
+                tasks.append({"kind": kind, "objects": [i], "question": text, "answer": single_answer(kind, obj)})
     for kind, text in PAIR_QUESTIONS.items():
         yes, no = find_pairs(scene, kind, "Yes."), find_pairs(scene, kind, "No.")
-        couples = min(pair_couples, len(yes), len(no))
+        couples = min(getattr(mix, kind), len(yes), len(no))
         chosen = [yes[k] for k in rng.permutation(len(yes))[:couples]]
         chosen += [no[k] for k in rng.permutation(len(no))[:couples]]
         for i, j in chosen:
-            a, b = scene.objects[i], scene.objects[j]
-            questions.append(
-                {
-                    "kind": kind,
-                    "boxes": [a.box_xyxy, b.box_xyxy],
-                    "question": pair_prompt(text),
-                    "answer": pair_answer(kind, a, b),
-                }
-            )
-    questions.append(
-        {
-            "kind": "whole",
-            "boxes": [scene.whole_box],
-            "question": single_prompt(SINGLE_QUESTIONS["describe"]),
-            "answer": whole_image_caption(scene),
-        }
-    )
-    return questions
+            answer = pair_answer(kind, scene.objects[i], scene.objects[j])
+            tasks.append({"kind": kind, "objects": [i, j], "question": text, "answer": answer})
+    for _ in range(mix.whole):
+        tasks.append({"kind": "whole", "objects": None, "question": SINGLE_QUESTIONS["describe"],
+                      "answer": whole_image_caption(scene)})
+    for _ in range(mix.count):
+        tasks.append({"kind": "count", "objects": None, "question": dialogue.QUESTION_COUNT,
+                      "answer": dialogue.count_answer(len(scene.objects))})
+    return tasks
+
+
+def _followup(scene: Scene, regions: list[int | None], last: list[int | None], asked: set[tuple[Any, ...]],
+              rng: np.random.Generator) -> tuple[str, str, str, list[int | None]] | None:
+    """One text-only follow-up: ``(kind, question, answer, regions it is about)``, or None.
+
+    ``regions`` holds the conversation's regions in order (object index, None for the
+    whole image); ``last`` the regions the last turn was about; ``asked`` the
+    ``(region position, attribute)`` and ``(pair positions, kind)`` questions already
+    asked in the conversation, which are not asked again. A family of reference (``it``,
+    ``they``, ``image N``, ``the first one``) is drawn uniformly among those that
+    apply, then the region and the attribute.
+    """
+    objs = scene.objects
+    families: dict[str, list[tuple[str, str, str, list[int | None]]]] = {}
+    attributes = list(dialogue.ATTRIBUTE_TEMPLATES)
+    if len(last) == 1 and last[0] is not None:
+        families["it"] = [(f"followup_{a}", dialogue.followup_question(a, "it"), single_answer(a, objs[last[0]]),
+                           last) for a in attributes if (last[0], a) not in asked]
+    if len(last) == 2 and None not in last:
+        # the pair was drawn balanced for the attribute just asked, so the other one is
+        # mostly No: keep a No with the probability that makes Yes and No about even
+        families["they"] = [(f"followup_{k}", dialogue.pair_followup_question(k), answer, last)
+                            for k in PAIR_QUESTIONS if (tuple(last), k) not in asked
+                            for answer in [pair_answer(k, objs[last[0]], objs[last[1]])]
+                            if answer == "Yes." or rng.random() < THEY_NO_KEEP]
+    numbered = [(n, idx) for n, idx in enumerate(regions, start=1) if idx is not None]
+    families["number"] = [(f"followup_{a}", dialogue.followup_question(a, dialogue.reference("number", n)),
+                           single_answer(a, objs[idx]), [idx])
+                          for n, idx in numbered for a in attributes if (idx, a) not in asked]
+    if len(regions) == 2 and None not in regions:
+        families["ordinal"] = [(f"followup_{a}", dialogue.followup_question(a, dialogue.reference("ordinal", n)),
+                                single_answer(a, objs[idx]), [idx])
+                               for n, idx in numbered for a in attributes if (idx, a) not in asked]
+    families = {name: options for name, options in families.items() if options}
+    if not families:
+        return None
+    names = sorted(families)
+    options = families[names[int(rng.integers(len(names)))]]
+    kind, question, answer, about = options[int(rng.integers(len(options)))]
+    return kind, question, answer, about
+
+
+def _asked_key(kind: str, about: list[int | None]) -> tuple[Any, ...]:
+    """What a question asked, as :func:`_followup` excludes it: ``(object, attribute)``
+    or ``((object, object), pair kind)``; a Describe excludes nothing."""
+    return (tuple(about), kind) if len(about) == 2 else (about[0], kind)
+
+
+def scene_conversations(scene: Scene, rng: np.random.Generator, mix: InstructMix) -> list[dict[str, Any]]:
+    """The scene's questions (:func:`scene_tasks`) as conversations.
+
+    Returns ``[{"boxes": [[x1, y1, x2, y2], ...], "turns": [{"kind", "question",
+    "answer"}, ...]}, ...]``; ``boxes`` holds one box per ``[IMG]`` in order of appearance.
+    """
+    tasks = scene_tasks(scene, rng, mix)
+    order = [tasks[k] for k in rng.permutation(len(tasks))]
+    conversations = []
+    start = 0
+    while start < len(order):
+        size = int(rng.integers(1, mix.turns_per_record + 1))
+        group, start = order[start : start + size], start + size
+        regions: list[int | None] = []
+        asked: set[tuple[Any, ...]] = set()
+        boxes: list[list[int]] = []
+        turns: list[dict[str, str]] = []
+        for task in group:
+            new: list[int | None] = task["objects"] or [None]
+            prompt = dialogue.turn_prompt(task["question"], len(regions) + 1, len(new))
+            regions += new
+            boxes += [scene.whole_box if i is None else scene.objects[i].box_xyxy for i in new]
+            turns.append({"kind": task["kind"], "question": prompt, "answer": task["answer"]})
+            last = new
+            asked.add(_asked_key(task["kind"], new))
+            for _ in range(_draw_count(rng, mix.followups) if task["objects"] else 0):
+                followup = _followup(scene, regions, last, asked, rng)
+                if followup is None:
+                    break
+                kind, question, answer, last = followup
+                asked.add(_asked_key(kind.removeprefix("followup_"), last))
+                turns.append({"kind": kind, "question": question, "answer": answer})
+        conversations.append({"boxes": boxes, "turns": turns})
+    return conversations
 
 
 def write_region_instruct(
     root: Path | str,
     count: int,
     seed: int,
-    turns_per_record: int = 1,
-    pair_couples: int = 1,
+    mix: InstructMix | None = None,
     num_objects: int | None = None,
     progress: bool = False,
+    variety: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``count`` scenes as LLaVA-style region instructions (``instruct.json``).
 
-    Each image's questions are shuffled and grouped ``turns_per_record`` at a time into
-    records ``{"id", "image", "boxes", "conversations"}``; ``boxes`` lists one box per
-    ``[IMG]`` in order of appearance across the human turns.
+    Each scene's conversations (:func:`scene_conversations`) become records
+    ``{"id": "<image id>_<k>", "image", "boxes", "conversations"}``; ``boxes`` lists one
+    box per ``[IMG]`` in order of appearance across the human turns.
     """
-    if turns_per_record < 1:
-        raise ValueError(f"turns_per_record must be >= 1, got {turns_per_record}")
+    mix = mix or InstructMix()
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     kinds: Counter[str] = Counter()
     answers: Counter[str] = Counter()
-    for index, image, scene, rng in _scenes(seed, "instruct", count, num_objects, progress):
+    turns_per_record: Counter[int] = Counter()
+    for index, image, scene, rng in _scenes(seed, "instruct", count, num_objects, progress, variety):
         image_id = index + 1
         image.save(root / "images" / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY)
-        questions = scene_questions(scene, rng, pair_couples)
-        questions = [questions[k] for k in rng.permutation(len(questions))]
-        for start in range(0, len(questions), turns_per_record):
-            group = questions[start : start + turns_per_record]
+        for k, conv in enumerate(scene_conversations(scene, rng, mix)):
             conversations = []
-            for q in group:
-                conversations += [{"from": "human", "value": q["question"]}, {"from": "gpt", "value": q["answer"]}]
-                kinds[q["kind"]] += 1
-                if q["kind"].startswith("same_"):
-                    answers[f"{q['kind']}:{q['answer']}"] += 1
-            records.append(
-                {
-                    "id": f"{image_id}_{start // turns_per_record}",
-                    "image": f"images/{image_id}.jpg",
-                    "boxes": [box for q in group for box in q["boxes"]],
-                    "conversations": conversations,
-                }
-            )
+            for turn in conv["turns"]:
+                conversations += [{"from": "human", "value": turn["question"]}, {"from": "gpt", "value": turn["answer"]}]
+                kinds[turn["kind"]] += 1
+                if turn["answer"] in ("Yes.", "No."):
+                    answers[f"{turn['kind']}:{turn['answer']}"] += 1
+            turns_per_record[len(conv["turns"])] += 1
+            records.append({"id": f"{image_id}_{k}", "image": f"images/{image_id}.jpg", "boxes": conv["boxes"],
+                            "conversations": conversations})
     _dump_json(root / "instruct.json", records)
     return {
         "path": str(root / "instruct.json"),
@@ -256,6 +370,7 @@ def write_region_instruct(
         "records": len(records),
         "questions": dict(sorted(kinds.items())),
         "pair_answers": dict(sorted(answers.items())),
+        "turns_per_record": dict(sorted(turns_per_record.items())),
     }
 
 
@@ -266,9 +381,9 @@ def write_shapes_dataset(
     seed: int = 0,
     *,
     laion_shard_size: int = 500,
-    turns_per_record: int = 1,
-    pair_couples: int = 1,
+    mix: InstructMix | None = None,
     num_objects: int | None = None,
+    variety: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write the requested parts under ``out_dir``; deterministic for a seed.
@@ -279,9 +394,12 @@ def write_shapes_dataset(
             ``"instruct"``); a part missing or set to 0 is not written.
         seed: the seed of every part's random stream.
         laion_shard_size: samples per LAION shard.
-        turns_per_record: question/answer pairs per instruction record.
-        pair_couples: Yes/No couples per two-region question kind and image.
+        mix: what the region-instruction records ask (:class:`InstructMix`; default:
+            every spec question about every object, one question per record).
         num_objects: force the object count of every scene (None: the spec's 2-5).
+        variety: share of the scenes laid out and drawn in other styles the spec
+            allows (:mod:`click4caption.shapes.variety`); 0 draws every scene as
+            :mod:`click4caption.shapes.world` does.
         progress: show a tqdm bar per part.
 
     Returns:
@@ -293,16 +411,17 @@ def write_shapes_dataset(
     if any(n < 0 for n in num_images.values()):
         raise ValueError(f"image counts must be >= 0, got {dict(num_images)}")
     out = Path(out_dir)
-    summary: dict[str, Any] = {"seed": seed}
+    summary: dict[str, Any] = {"seed": seed, "variety": variety}
     if num_images.get("vg", 0):
-        summary["vg"] = write_visual_genome(out / "VisualGenome", num_images["vg"], seed, num_objects, progress)
+        summary["vg"] = write_visual_genome(out / "VisualGenome", num_images["vg"], seed, num_objects, progress,
+                                            variety)
     if num_images.get("laion", 0):
         summary["laion"] = write_laion(
-            out / "LAION", num_images["laion"], seed, laion_shard_size, num_objects, progress
+            out / "LAION", num_images["laion"], seed, laion_shard_size, num_objects, progress, variety
         )
     if num_images.get("instruct", 0):
         summary["instruct"] = write_region_instruct(
-            out / "region_instruct", num_images["instruct"], seed, turns_per_record, pair_couples, num_objects, progress
+            out / "region_instruct", num_images["instruct"], seed, mix, num_objects, progress, variety
         )
     logger.info("shapes dataset written to %s: %s", out, summary)
     return summary
