@@ -16,8 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from click4caption_apps.cli import run_main, setup_logging
 from click4caption.errors import CheckpointError
 from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, evaluate_shapes
@@ -36,8 +34,9 @@ def load_captioner(checkpoint: Path, llm_dir: str | None = None, device: str = "
     from click4caption.config import from_dict
     from click4caption.models.builder import build_model
     from click4caption.processors import Blip2ImageEvalProcessor
+    from click4caption.training.checkpointing import load_checkpoint
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     cfg = from_dict(ckpt["config"])
     if llm_dir:
         cfg.model.llama_model = llm_dir

@@ -75,8 +75,8 @@ def evaluate_shapes(captioner: Captioner, seed: int, scenes: int, out: Path, fol
     start = time.time()
     with open(out / "results.jsonl", "w", encoding="utf-8") as f:
         with tqdm(total=len(items), desc="questions", unit="q", disable=None) as bar:
-            for start in range(0, len(items), EVAL_CHUNK):
-                chunk = items[start:start + EVAL_CHUNK]
+            for first in range(0, len(items), EVAL_CHUNK):
+                chunk = items[first:first + EVAL_CHUNK]
                 lines = [{k: it[k] for k in ("image", "boxes", "question")} for it in chunk]
                 for it, result in zip(chunk, captioner.run_items(lines)):
                     answers.append(result.get("answer", ""))
