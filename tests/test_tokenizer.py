@@ -205,7 +205,8 @@ def test_training_conversation_ids(sp_model, sp) -> None:
     pieces = [("### Human: image", True, False), (" What color is it?\n### Assistant:", False, False),
               ("Red.\n###", False, True), (" Human: What shape is it?\n### Assistant:", False, False),
               ("Circle.\n###", False, True)]
-    assert rec.rows() == [ids(sp, text, bos) for text, bos, _ in pieces]
+    # every text piece of the row goes through the embedding in one lookup
+    assert rec.rows() == [[i for text, bos, _ in pieces for i in ids(sp, text, bos)]]
     expected_labels = []
     for i, (text, bos, target) in enumerate(pieces):
         piece = ids(sp, text, bos)
