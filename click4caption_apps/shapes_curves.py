@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from click4caption_apps.cli import run_main, setup_logging
-from click4caption.errors import CheckpointError
 from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, evaluate_shapes
 from click4caption.shapes.scoring import KINDS
 
@@ -34,16 +33,16 @@ def load_captioner(checkpoint: Path, llm_dir: str | None = None, device: str = "
     from click4caption.config import from_dict
     from click4caption.models.builder import build_model
     from click4caption.processors import Blip2ImageEvalProcessor
-    from click4caption.training.checkpointing import load_checkpoint
+    from click4caption.training.checkpointing import load_checkpoint, load_trainable_state_dict
+    from click4caption.training.freezing import frozen_parts
 
     ckpt = load_checkpoint(checkpoint)
     cfg = from_dict(ckpt["config"])
     if llm_dir:
         cfg.model.llama_model = llm_dir
-    model = build_model(cfg.model, device, for_training=True)  # weights from the checkpoint, not from files
-    result = model.load_state_dict(ckpt["model"], strict=False)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{checkpoint}: unexpected keys {result.unexpected_keys[:5]}")
+    model = build_model(cfg.model, device, for_training=True)
+    model.freeze(frozen_parts(cfg.model))  # what the trainer trained (and saved)
+    load_trainable_state_dict(model, ckpt["model"], str(checkpoint))
     model.eval()
     settings = GenerationSettings(max_new_tokens=60)
     return Captioner(model, Blip2ImageEvalProcessor(cfg.model.image_size), device, settings), int(ckpt["iteration"])

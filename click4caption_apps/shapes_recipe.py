@@ -79,18 +79,12 @@ def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
     """Trainer checkpoint -> shipped files: the LLM as a transformers folder (weights
     included) and the other parts as ``{'model': state_dict}``."""
     from click4caption.models.builder import build_model
-    from click4caption.training.checkpointing import load_checkpoint
+    from click4caption.training.checkpointing import load_checkpoint, load_trainable_state_dict
     from click4caption.training.freezing import frozen_parts
 
-    state = load_checkpoint(checkpoint)["model"]
     model = build_model(cfg.model, device="cpu", for_training=True)
     model.freeze(frozen_parts(cfg.model))  # what the trainer trained (and saved)
-    result = model.load_state_dict(state, strict=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(result.missing_keys) & trainable)
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {checkpoint} does not fit the model: missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")
+    load_trainable_state_dict(model, load_checkpoint(checkpoint)["model"], str(checkpoint))
     llm_dir = model_dir / "llm"
     model.llama_model.save_pretrained(llm_dir)
     rest = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("llama_model.")}
