@@ -5,11 +5,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from click4caption.captioner import Captioner
 from click4caption.errors import Click4CaptionError, InputError
 from click4caption.shapes.scoring import make_eval_items, make_followup_items, score
+
+if TYPE_CHECKING:  # the CLI reads GENERATORS before torch is imported
+    from click4caption.captioner import Captioner
 
 logger = logging.getLogger(__name__)
 
