@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="write the file's VG image ids (for datasets.vg.held_out_ids_file) and exit")
         _model_args(b)
     args = p.parse_args(argv)
+    if args.suite == "shapes" and (args.scenes < 1 or args.max_new_tokens < 1):
+        p.error("--scenes and --max_new_tokens must be >= 1")
     if args.suite in ("vg", "refcocog") and getattr(args, "write_held_out", None) is None:
         if not args.images or not args.out:
             p.error(f"{args.suite} needs --images DIR and --out DIR")

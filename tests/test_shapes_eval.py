@@ -70,3 +70,11 @@ def test_learning_curves_of_a_run(tmp_path: Path) -> None:
             "followup": 4}
     table = proc.stdout.splitlines()
     assert table[0].startswith("| iterations |") and [line.split("|")[1].strip() for line in table[2:]] == ["3", "6"]
+
+
+@pytest.mark.parametrize("args", [["--scenes", "0"], ["--scenes", "-3"], ["--max_new_tokens", "0"],
+                                  ["--generator", "other"]])
+def test_evaluate_shapes_bad_arguments(args: list[str]) -> None:
+    proc = run_app("evaluate.py", "shapes", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
