@@ -34,20 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from click4caption.shapes.world import (
-    COLORS,
-    PAIR_QUESTIONS,
-    SHAPES,
-    SINGLE_QUESTIONS,
-    Scene,
-    ShapeObject,
-    find_pairs,
-    pair_answer,
-    pair_prompt,
-    single_answer,
-    single_prompt,
-    whole_image_caption,
-)
+from click4caption.shapes.scoring import scene_items
+from click4caption.shapes.world import COLORS, SHAPES, Scene, ShapeObject
 
 HELDOUT_STREAM = 2000
 LAYOUTS: tuple[str, ...] = ("grid", "corners", "cluster", "row")
@@ -197,43 +185,9 @@ def draw_heldout_scene(rng: np.random.Generator, layout: str | None = None) -> t
 # ----------------------------------------------------------------------------- items
 def make_heldout_items(seed: int, num_scenes: int, image_dir: Path | str) -> list[dict[str, Any]]:
     """Items like :func:`click4caption.shapes.scoring.make_eval_items` (same kinds, Yes/No
-    alternating over scenes for pairs) on this module's scenes."""
-    from dataclasses import asdict
+    alternating over scenes for pairs) on this module's scenes, the layouts in turn."""
+    def draw(rng: np.random.Generator, index: int | None) -> tuple[Image.Image, Scene]:
+        return draw_heldout_scene(rng, None if index is None else LAYOUTS[index % len(LAYOUTS)])
 
-    image_dir = Path(image_dir)
-    image_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, HELDOUT_STREAM])
-    items: list[dict[str, Any]] = []
-
-    def meta_of(scene: Scene) -> list[dict[str, Any]]:
-        return [{k: v for k, v in asdict(o).items() if k != "rgb"} for o in scene.objects]
-
-    for index in range(num_scenes):
-        image, scene = draw_heldout_scene(rng, LAYOUTS[index % len(LAYOUTS)])
-        path = image_dir / f"h{index:05d}.png"
-        image.save(path)
-        base = {"scene": index, "count": len(scene.objects), "objects": meta_of(scene)}
-        for kind, text in SINGLE_QUESTIONS.items():
-            target = int(rng.integers(len(scene.objects)))
-            obj = scene.objects[target]
-            items.append({"image": str(path), "boxes": [obj.box_xyxy], "question": single_prompt(text),
-                          "meta": {**base, "kind": kind, "answer": single_answer(kind, obj), "target": target}})
-        items.append({"image": str(path), "boxes": [scene.whole_box],
-                      "question": single_prompt(SINGLE_QUESTIONS["describe"]),
-                      "meta": {**base, "kind": "whole", "answer": whole_image_caption(scene)}})
-        for k, (kind, text) in enumerate(PAIR_QUESTIONS.items()):
-            wanted = "Yes." if (index + k) % 2 == 0 else "No."
-            pair_scene, pair_path = scene, path
-            for _ in range(TRIES * 5):
-                if find_pairs(pair_scene, kind, wanted):
-                    break
-                pair_image, pair_scene = draw_heldout_scene(rng)
-                pair_path = image_dir / f"h{index:05d}_{kind}.png"
-                pair_image.save(pair_path)
-            pairs = find_pairs(pair_scene, kind, wanted)
-            i, j = pairs[int(rng.integers(len(pairs)))]
-            a, b = pair_scene.objects[i], pair_scene.objects[j]
-            items.append({"image": str(pair_path), "boxes": [a.box_xyxy, b.box_xyxy], "question": pair_prompt(text),
-                          "meta": {"scene": index, "count": len(pair_scene.objects), "objects": meta_of(pair_scene),
-                                   "kind": kind, "answer": pair_answer(kind, a, b), "targets": [i, j]}})
-    return items
+    return scene_items(np.random.default_rng([seed, HELDOUT_STREAM]), num_scenes, image_dir, draw,
+                       prefix="h", tries=TRIES * 5)

@@ -12,9 +12,10 @@ import math
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 from click4caption.shapes import dialogue
 from click4caption.shapes.world import (
@@ -66,14 +67,28 @@ def _item(image: Path, boxes: list[list[int]], question: str, meta: dict[str, An
     return {"image": str(image), "boxes": boxes, "question": question, "meta": meta}
 
 
+#: ``draw(rng, index)`` -> ``(image, scene)``: the scene of evaluation scene ``index``, or
+#: (``index`` None) a further scene drawn to find a pair with the wanted answer
+SceneDrawer = Callable[[np.random.Generator, "int | None"], tuple[Image.Image, Scene]]
+
+
 def make_eval_items(seed: int, num_scenes: int, image_dir: Path | str) -> list[dict[str, Any]]:
-    """Draw ``num_scenes`` scenes, save them as PNG under ``image_dir``, return the items.
+    """Draw ``num_scenes`` scenes of :mod:`click4caption.shapes.world`, save them as PNG
+    under ``image_dir``, return the items (see :func:`scene_items`)."""
+    return scene_items(np.random.default_rng([seed, EVAL_STREAM]), num_scenes, image_dir,
+                       lambda rng, _index: draw_scene(rng))
+
+
+def scene_items(rng: np.random.Generator, num_scenes: int, image_dir: Path | str, draw: SceneDrawer,
+                prefix: str = "", tries: int = REJECTION_TRIES) -> list[dict[str, Any]]:
+    """The evaluation items of ``num_scenes`` scenes that ``draw`` makes, images saved as
+    ``<prefix><scene>.png`` under ``image_dir``.
 
     Per scene: Describe, color, shape and size, each on a random object; the
     whole-image box ``[0, 0, W, H]`` with the Describe question; and one pair question
     per pair kind. Pair targets alternate Yes/No over scenes (exactly half Yes for an
     even ``num_scenes``); when a scene has no pair with the target answer, further
-    scenes are drawn until one has, and saved as ``<scene>_<kind>.png``.
+    scenes are drawn (up to ``tries``) until one has, and saved as ``<prefix><scene>_<kind>.png``.
 
     Each item's ``meta`` holds ``kind``, ``answer`` (the expected answer), ``scene``
     (its index), ``count`` and ``objects`` (every object of its image: shape, color,
@@ -81,11 +96,10 @@ def make_eval_items(seed: int, num_scenes: int, image_dir: Path | str) -> list[d
     """
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, EVAL_STREAM])
     items: list[dict[str, Any]] = []
     for index in range(num_scenes):
-        image, scene = draw_scene(rng)
-        path = image_dir / f"{index:05d}.png"
+        image, scene = draw(rng, index)
+        path = image_dir / f"{prefix}{index:05d}.png"
         image.save(path)
         base = {"scene": index, "count": len(scene.objects), "objects": _object_meta(scene)}
         for kind, text in SINGLE_QUESTIONS.items():
@@ -99,14 +113,14 @@ def make_eval_items(seed: int, num_scenes: int, image_dir: Path | str) -> list[d
         for k, (kind, text) in enumerate(PAIR_QUESTIONS.items()):
             wanted = "Yes." if (index + k) % 2 == 0 else "No."
             pair_scene, pair_path = scene, path
-            for _ in range(REJECTION_TRIES):
+            for _ in range(tries):
                 if find_pairs(pair_scene, kind, wanted):
                     break
-                pair_image, pair_scene = draw_scene(rng)
-                pair_path = image_dir / f"{index:05d}_{kind}.png"
+                pair_image, pair_scene = draw(rng, None)
+                pair_path = image_dir / f"{prefix}{index:05d}_{kind}.png"
                 pair_image.save(pair_path)
             else:
-                raise RuntimeError(f"no scene with a {kind} pair answered {wanted} in {REJECTION_TRIES} draws")
+                raise RuntimeError(f"no scene with a {kind} pair answered {wanted} in {tries} draws")
             pairs = find_pairs(pair_scene, kind, wanted)
             i, j = pairs[int(rng.integers(len(pairs)))]
             a, b = pair_scene.objects[i], pair_scene.objects[j]
