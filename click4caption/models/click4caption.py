@@ -302,7 +302,7 @@ class Click4Caption(nn.Module):
             labels.append(lab)
         # rows of similar length go through the LLM together (less padding); the loss is
         # the mean over all reply tokens of the batch, as one padded call gives
-        total = sum(int((lab[1:] != -100).sum()) for lab in labels)
+        total = torch.stack([(lab[1:] != -100).sum() for lab in labels]).sum()  # on the device: no sync
         loss_sum = seqs[0].new_zeros((), dtype=torch.float32)
         for bucket in length_buckets([s.shape[0] for s in seqs]):
             width = max(seqs[i].shape[0] for i in bucket)
@@ -317,7 +317,7 @@ class Click4Caption(nn.Module):
             loss_sum = loss_sum + nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
                 ignore_index=-100, reduction="sum")
-        return self._losses(loss_sum / max(total, 1))
+        return self._losses(loss_sum / total.clamp_min(1))
 
     def conversation_training_row(
         self, turns: Sequence[dict[str, str]], regions: torch.Tensor | None
