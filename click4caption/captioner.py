@@ -17,6 +17,7 @@ from PIL import Image
 
 from click4caption.boxes import Box, normalize_box, to_model_pixels
 from click4caption.chat import Chat
+from click4caption.cpu import flush_denormals
 from click4caption.generation import GenerationSettings
 from click4caption.config import Config
 from click4caption.errors import Click4CaptionError, InputError
@@ -60,6 +61,7 @@ class Captioner:
         """Build the model named by an eval config (upstream layout)."""
         from click4caption.models.builder import build_model
 
+        flush_denormals(device)
         model = build_model(cfg.model, device=device, for_training=False)
         model.eval()
         processor = None
