@@ -364,3 +364,27 @@ def test_torchrun_two_processes_kill_and_resume(setup_dir: Path) -> None:
     moments = {f"{k}.{n}": v for k, st in end["optimizer"]["state"].items() for n, v in st.items()}
     ref_moments = {f"{k}.{n}": v for k, st in ref_end["optimizer"]["state"].items() for n, v in st.items()}
     assert relative_distance(moments, ref_moments) < 1e-2
+
+
+def test_cpu_training_and_inference_flush_denormals(setup_dir: Path) -> None:
+    """Trainer.setup and Captioner.from_config on the CPU turn on flush-to-zero: a denormal
+    float (1e-39) times 1 is then 0 (it survives with the setting off)."""
+    from click4caption.captioner import Captioner
+    from click4caption.paths import DEFAULT_EVAL_CONFIG
+
+    denormal = torch.tensor([1e-39], dtype=torch.float32)
+    try:
+        for build in ("trainer", "captioner"):
+            torch.set_flush_denormal(False)
+            assert (denormal * 1.0).item() != 0.0
+            if build == "trainer":
+                trainer = Trainer(load_config(tiny_train_config(setup_dir)), "flush", dry_run=True)
+                try:
+                    trainer.setup()
+                finally:
+                    trainer.cleanup()
+            else:  # the shipped model, as the CLI and the demo build it
+                Captioner.from_config(load_config(REPO_ROOT / DEFAULT_EVAL_CONFIG), device="cpu")
+            assert (denormal * 1.0).item() == 0.0, build
+    finally:
+        torch.set_flush_denormal(True)
