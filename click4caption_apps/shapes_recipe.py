@@ -44,10 +44,10 @@ MODEL_DIR = "models/shapes"
 DATA_DIR = "data/shapes"
 CKPT_NAME = "click4caption_shapes.pth"
 # bumped when the writers change what a recipe parameter set produces (data is redrawn)
-DATA_VERSION = 4
+DATA_VERSION = 5
 DATA_SEED = 0
 # images per part
-NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 6000}
+NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 8000}
 # what each instruction scene is asked (see models/shapes/REPORT.md for why): colour and
 # size are learnt early, shape, same-shape pairs and the whole-image count are the hard
 # rows, so they get more than their natural share; multi-turn conversations with
