@@ -388,3 +388,16 @@ def test_cpu_training_and_inference_flush_denormals(setup_dir: Path) -> None:
             assert (denormal * 1.0).item() == 0.0, build
     finally:
         torch.set_flush_denormal(True)
+
+
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_flush_reaches_the_threads_started_after_it(pool_first: bool) -> None:
+    """Threads inherit flush-to-zero when created: flushing before torch's thread pool starts
+    covers every thread; flushing after it covers only the caller, and the check says so."""
+    code = ("import torch; torch.set_num_threads(2)\n"
+            + ("(torch.ones(1 << 20) * 2.0).sum()\n" if pool_first else "")
+            + "from click4caption.cpu import flush_denormals, flushed_in_every_thread\n"
+            "assert flush_denormals('cpu')\n"
+            "print(flushed_in_every_thread())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == str(not pool_first)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from click4caption import registry
-from click4caption.cpu import flush_denormals
+from click4caption.cpu import flush_denormals, flushed_in_every_thread
 from click4caption.config import Config, ModelConfig
 from click4caption.data.sources import BatchPosition
 from click4caption.data.mixing import MixedBatches, build_sources, make_loader, split_meta
@@ -177,7 +177,12 @@ class Trainer:
         logger.info("experiment %s: %d process(es), device %s, backend %s", self.exp_name, self.dist.world_size,
                     self.dist.device, self.dist.backend or "none")
         if flush_denormals(self.dist.device):
-            logger.info("CPU: denormal floats are flushed to zero (click4caption.cpu.flush_denormals)")
+            if flushed_in_every_thread():
+                logger.info("CPU: denormal floats are flushed to zero (click4caption.cpu.flush_denormals)")
+            else:
+                logger.warning("CPU: denormal floats are flushed to zero in some of torch's threads only (its thread "
+                               "pool started before); steps may slow down as training goes on. Call "
+                               "click4caption.cpu.flush_denormals('cpu') before any torch computation")
         random.seed(run.seed + self.dist.rank)
         torch.manual_seed(run.seed + self.dist.rank)
         np.random.seed((run.seed + self.dist.rank) % 2**32)
