@@ -368,15 +368,20 @@ def test_torchrun_two_processes_kill_and_resume(setup_dir: Path) -> None:
 
 def test_cpu_training_and_inference_flush_denormals(setup_dir: Path) -> None:
     """Trainer.setup and Captioner.from_config on the CPU turn on flush-to-zero: a denormal
-    float (1e-39) times 1 is then 0 (it survives with the setting off)."""
+    float (1.5e-39, made from its bits, so flushing cannot touch it) times 1 is then +0.0
+    (it survives with the setting off)."""
     from click4caption.captioner import Captioner
     from click4caption.paths import DEFAULT_EVAL_CONFIG
 
-    denormal = torch.tensor([1e-39], dtype=torch.float32)
+    denormal = torch.tensor([1 << 20], dtype=torch.int32).view(torch.float32)
+
+    def times_one_bits(x: torch.Tensor) -> int:
+        return int((x * 1.0).view(torch.int32).item())
+
     try:
         for build in ("trainer", "captioner"):
             torch.set_flush_denormal(False)
-            assert (denormal * 1.0).item() != 0.0
+            assert times_one_bits(denormal) == 1 << 20
             if build == "trainer":
                 trainer = Trainer(load_config(tiny_train_config(setup_dir)), "flush", dry_run=True)
                 try:
@@ -385,7 +390,7 @@ def test_cpu_training_and_inference_flush_denormals(setup_dir: Path) -> None:
                     trainer.cleanup()
             else:  # the shipped model, as the CLI and the demo build it
                 Captioner.from_config(load_config(REPO_ROOT / DEFAULT_EVAL_CONFIG), device="cpu")
-            assert (denormal * 1.0).item() == 0.0, build
+            assert times_one_bits(denormal) == 0, build
     finally:
         torch.set_flush_denormal(True)
 
