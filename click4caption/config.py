@@ -110,9 +110,11 @@ class ModelConfig:
     # (0 = every query looks at the whole box)
     box_attention_grid: int = 0
     # with that grid: "cells" gives (near-)whole-image boxes cells too, "free" lets every
-    # query of such a box look anywhere in the image (so that the objects can be counted)
-    box_attention_whole_image: str = one_of("cells", ("cells", "free"),
-                                            "the two targets of (near-)whole-image boxes")
+    # query of such a box look anywhere in the image, "objects" gives each object of the
+    # image to one query (the one whose cell holds its centre) where the training data
+    # lists the objects' boxes (so that the objects can be counted)
+    box_attention_whole_image: str = one_of("cells", ("cells", "free", "objects"),
+                                            "the targets of (near-)whole-image boxes")
 
 
 @dataclass

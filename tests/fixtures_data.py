@@ -20,7 +20,8 @@ from click4caption.shapes.writers import write_visual_genome
 # ids of the broken things each writer adds
 VG_BROKEN_IMAGE_IDS = {"corrupt": "9001", "missing": "9002", "all_regions_bad": "9003"}
 TEXTOCR_FEW_WORDS_ID = "img_few"
-LAION_BROKEN_KEYS = {"bad_jpg": "bad00001", "empty_caption": "bad00002", "no_json": "bad00003"}
+LAION_BROKEN_KEYS = {"bad_jpg": "bad00001", "empty_caption": "bad00002", "no_json": "bad00003",
+                     "bad_objects": "bad00004"}
 
 
 def _jpeg(w: int, h: int, seed: int) -> bytes:
@@ -122,6 +123,9 @@ def write_laion(root: Path, n_images: int = 12, shard_size: int = 6, seed: int =
         _add(tar, f"{keys['empty_caption']}.jpg", _jpeg(40, 30, 1))
         _add(tar, f"{keys['empty_caption']}.json", json.dumps({"caption": " ... "}).encode())
         _add(tar, f"{keys['no_json']}.jpg", _jpeg(40, 30, 2))
+        _add(tar, f"{keys['bad_objects']}.jpg", _jpeg(40, 30, 4))
+        _add(tar, f"{keys['bad_objects']}.json",
+             json.dumps({"caption": "two shapes", "objects": [[10, 10, 5, 20]]}).encode())
         _add(tar, "good0001.jpg", _jpeg(40, 30, 3))
         _add(tar, "good0001.json", json.dumps({"caption": "Two shapes: a RED circle!"}).encode())
     (root / "99999.tar").write_bytes(b"definitely not a tar archive" * 30)
@@ -130,7 +134,8 @@ def write_laion(root: Path, n_images: int = 12, shard_size: int = 6, seed: int =
 
 def write_region_instruct(root: Path, n_images: int = 4, seed: int = 0) -> Path:
     """Region-instruction JSON (shapes world) plus broken records: box count mismatch,
-    inverted box, missing image, unknown role, empty reply, and a box outside the image."""
+    inverted box, missing image, unknown role, empty reply, a box outside the image and
+    malformed object boxes."""
     from click4caption.shapes import writers
 
     writers.write_region_instruct(root, n_images, seed)
@@ -146,6 +151,8 @@ def write_region_instruct(root: Path, n_images: int = 4, seed: int = 0) -> Path:
         {"id": "empty_reply", "image": "images/1.jpg", "boxes": [[1, 1, 20, 20]],
          "conversations": [conv[0], {"from": "gpt", "value": "  "}]},
         {"id": "outside", "image": "images/1.jpg", "boxes": [[5000, 5000, 6000, 6000]], "conversations": conv},
+        {"id": "bad_objects", "image": "images/1.jpg", "boxes": [[1, 1, 20, 20]], "conversations": conv,
+         "objects": [[1, 1, 20]]},
     ]
     _dump(path, records)
     return path

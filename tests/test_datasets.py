@@ -182,7 +182,7 @@ def test_laion_held_out_and_patterns(data: dict[str, Path]) -> None:
 def test_region_instruct_records(data: dict[str, Path]) -> None:
     ds = build_region_instruct(dcfg(data["region_instruct"]), "region_instruct", batch_size=4, image_size=S)
     ids = {ds.ids[i] for i in range(len(ds))}
-    assert not {"bad_count", "bad_box", "bad_role", "empty_reply"} & ids
+    assert not {"bad_count", "bad_box", "bad_role", "empty_reply", "bad_objects"} & ids
     assert {"missing_image", "outside"} <= ids  # found out at load time
     batches, skipped = draw(ds, 40)
     assert skipped["unreadable_image"] + skipped["bad_box"] > 0
@@ -207,6 +207,46 @@ def test_region_instruct_records(data: dict[str, Path]) -> None:
     item = ds.load_item(0, np.random.default_rng(0))
     x1, y1, x2, y2 = rec["boxes"][0]
     assert torch.allclose(item["bbox"][0], torch.tensor([[x1 * S / w, y1 * S / h], [x2 * S / w, y2 * S / h]]), atol=1e-4)
+
+
+def test_object_boxes_reach_the_batch(data: dict[str, Path]) -> None:
+    """Whole-image instruction records and LAION jsons list every object's box: batches
+    carry them scaled to the model input and zero-padded (``objects``, ``num_objects``);
+    records without the key get none, malformed lists are left out, and LAION passes them
+    on only with a transform that does not crop."""
+    records = json.loads(Path(data["region_instruct"]).read_text())
+    ds = build_region_instruct(dcfg(data["region_instruct"]), "region_instruct", batch_size=4, image_size=S)
+    with_objects = [i for i in range(len(ds)) if ds.ids[i] in {r["id"] for r in records if "objects" in r}]
+    without = [i for i in range(len(ds)) if i not in with_objects and ds.ids[i] not in ("missing_image", "outside")]
+    assert with_objects and without
+    rec = next(r for r in records if r["id"] == ds.ids[with_objects[0]])
+    from PIL import Image
+
+    w, h = Image.open(Path(data["region_instruct"]).parent / rec["image"]).size
+    item = ds.load_item(with_objects[0], np.random.default_rng(0))
+    expect = torch.tensor([[[x1 * S / w, y1 * S / h], [x2 * S / w, y2 * S / h]] for x1, y1, x2, y2 in rec["objects"]])
+    assert torch.allclose(item["objects"], expect, atol=1e-4)
+    other = ds.load_item(without[0], np.random.default_rng(0))
+    assert "objects" not in other
+    batch = ds.collate([other, item])
+    m = len(rec["objects"])
+    assert batch["num_objects"] == [0, m] and batch["objects"].shape == (2, m, 2, 2)
+    assert torch.all(batch["objects"][0] == 0) and torch.equal(batch["objects"][1], item["objects"])
+    assert "objects" not in ds.collate([other, other])
+
+    eval_laion = build_laion(dcfg(data["laion"], shuffle_buffer=4), "laion", batch_size=3, image_size=S)
+    batches, skipped = draw(eval_laion, 30)
+    assert skipped["bad_objects"] > 0
+    seen = 0
+    for batch in batches:
+        assert len(batch["num_objects"]) == 3 and batch["objects"].shape[0] == 3
+        for b, n in enumerate(batch["num_objects"]):
+            boxes = batch["objects"][b, :n]
+            seen += n
+            assert torch.all(boxes[:, 1] > boxes[:, 0]) and torch.all(boxes >= 0) and torch.all(boxes <= S)
+    assert seen
+    crop_laion = build_laion(dcfg(data["laion"], _laion=True, shuffle_buffer=4), "laion", batch_size=3, image_size=S)
+    assert all("objects" not in b for b in draw(crop_laion, 10)[0])
 
 
 def test_region_instruct_held_out_by_id_or_image(data: dict[str, Path]) -> None:

@@ -522,4 +522,53 @@ def test_box_attention_targets_cells_and_free_whole_image(tmp_path: Path) -> Non
     assert free.box_attention.is_near_full(boxes).tolist() == [False, True, True]
     assert torch.all(b[1] == 1) and torch.all(b[2] == 1)  # whole image: anywhere
     with pytest.raises(ConfigError, match="box_attention_whole_image"):
-        build_model(tiny_model_config(tmp_path, box_attention_whole_image="objects"), for_training=True)
+        build_model(tiny_model_config(tmp_path, box_attention_whole_image="anything"), for_training=True)
+
+
+def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
+    """box_attention_whole_image 'objects' on the tiny model (32 px, 4 x 4 patches, 4 queries
+    on a 2 x 2 grid): the query whose cell holds an object's centre targets that object's
+    patches, the others the background of their cell (or of the image when their cell has
+    none); rows whose objects are unknown look anywhere, other boxes keep their cells; and
+    the batch's ``objects`` reach the loss in both training modes."""
+    from tests.tiny import tiny_model_config
+
+    from click4caption.models.builder import build_model
+
+    model = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2,
+                                          box_attention_whole_image="objects"), for_training=True)
+    aid = model.box_attention
+    a = torch.tensor([[2.0, 2.0], [10.0, 10.0]])  # centre in cell 0; covers patch 0
+    b = torch.tensor([[18.0, 2.0], [30.0, 30.0]])  # centre (24, 16): cell 3; covers columns 2-3
+    t = aid.object_targets(torch.stack([a, b]), 16).reshape(4, 4, 4)
+    in_b = torch.zeros(4, 4)
+    in_b[:, 2:] = 1
+    background = 1 - in_b
+    background[0, 0] = 0
+    assert t[0].nonzero().tolist() == [[0, 0]]
+    assert torch.equal(t[3], in_b)
+    assert torch.equal(t[1], background)  # its cell lies inside b: the image's background
+    assert torch.equal(t[2], background * (torch.arange(4)[:, None] >= 2) * (torch.arange(4)[None] < 2))
+    boxes = torch.tensor([[[0.0, 0.0], [32.0, 32.0]], [[1.0, 2.0], [31.0, 30.0]], [[0.0, 0.0], [16.0, 16.0]]])
+    objects = (torch.stack([torch.stack([a, b]), torch.zeros(2, 2, 2), torch.stack([a, b])]), torch.tensor([2, 0, 2]))
+    targets = aid.targets(boxes, 16, objects)
+    assert torch.equal(targets[0].reshape(4, 4, 4), t) and torch.all(targets[1] == 1)
+    assert torch.equal(targets[2], aid.targets(boxes, 16)[2])  # not a whole image: cells
+    # the model hands a batch's objects to the aid: captions (per image) and conversations (per record)
+    model.train()
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 32, 32)
+    full = torch.tensor([[[[0.0, 0.0], [32.0, 32.0]]]] * 2)
+    caption = {"image": image, "bbox": full, "text_input": ["two shapes", "two shapes"]}
+    with_objects = {**caption, "objects": torch.stack([torch.stack([a, b])] * 2), "num_objects": [2, 2]}
+    conv = [{"from": "human", "value": "image[IMG] What is it?"}, {"from": "gpt", "value": "Two shapes."}]
+    records = {"image": image, "bbox": full, "num_boxes": [1, 1], "conversations": [conv, conv]}
+    records_objects = {**records, "objects": with_objects["objects"], "num_objects": [2, 0]}
+    free = model(caption)["box_attention_loss"]
+    assert not torch.isclose(model(with_objects)["box_attention_loss"], free)
+    by_hand = aid.loss  # the conversation path: record 0 gets objects, record 1 none
+    seen = []
+    aid.loss = lambda maps, bx, objs: seen.append(objs) or by_hand(maps, bx, objs)
+    model(records_objects)
+    aid.loss = by_hand
+    assert seen[0][1].tolist() == [2, 0] and torch.equal(seen[0][0][0], with_objects["objects"][0])

@@ -206,6 +206,7 @@ def test_laion_shards_read_with_webdataset(dataset: tuple[Path, dict]) -> None:
         meta = sample["json"]
         assert meta["caption"] == sample["txt"] == whole_image_caption(scene) == meta["caption"]
         assert meta["key"] == sample["__key__"] and sample["jpg"].size == (meta["width"], meta["height"])
+        assert meta["objects"] == [obj.box_xyxy for obj in scene.objects]
         assert np.abs(np.asarray(sample["jpg"], dtype=int) - np.asarray(image, dtype=int)).mean() < 4
 
 
@@ -223,9 +224,13 @@ def test_region_instruct_records(dataset: tuple[Path, dict]) -> None:
         assert sum(h.count("[IMG]") for h in humans) == len(rec["boxes"]) and len(humans) == 1
         question, reply, boxes = humans[0], replies[0], rec["boxes"]
         colors = [nearest_color(center_rgb(image, b)) for b in boxes]
+        assert ("objects" in rec) == (boxes[0] == [0, 0, *image.size])  # every object's box, for whole images
         if boxes[0] == [0, 0, *image.size]:
             wholes += 1
             assert question == single_prompt(world.QUESTION_DESCRIBE) and " shape" in reply.split(":")[0]
+            listed = [nearest_color(center_rgb(image, b)) for b in sorted(rec["objects"], key=lambda b: b[0] + b[2])]
+            assert reply.split(":")[0] == f"{world.COUNT_WORDS[len(rec['objects'])]} shapes"
+            assert [p.split()[-2] for p in re.split(r", | and ", reply.split(": ")[1])] == listed
         elif question == single_prompt(world.QUESTION_COLOR):
             assert reply == colors[0].capitalize() + "."
         elif question == single_prompt(world.QUESTION_DESCRIBE):

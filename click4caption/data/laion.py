@@ -15,7 +15,9 @@ Captions go through the text processor (``blip_caption``: lower-case, ``.!"()*#:
 to spaces, at most 50 words); an empty caption, an unreadable image or a sample
 without both ``jpg`` and ``json`` is skipped. The image transform is the train one
 (``blip2_image_train``: RandomResizedCrop 0.5-1.0, bicubic), seeded per step. Batches
-carry no ``bbox``: the model gives each image a random near-full box.
+carry no ``bbox``: the model gives each image a random near-full box. A json may list
+``objects`` (``[[x1, y1, x2, y2], ...]``, original pixels: every object in the image) for
+the box-attention aid; they are passed on when the transform resizes without cropping.
 
 Held-out ids are sample keys (the member name without extension, e.g. ``000012345``).
 """
@@ -40,8 +42,8 @@ from PIL import Image
 from click4caption.config import DatasetConfig
 from click4caption.data.files import load_held_out_ids
 from click4caption.data.sources import (
-    MAX_ATTEMPTS_PER_SAMPLE, BatchPosition, BatchSource, DatasetKind, SkipSample, at_least_one, processor_config,
-    seeded_transform, stack_images,
+    BOX_SAFE_PROCESSORS, MAX_ATTEMPTS_PER_SAMPLE, NO_OBJECTS, BatchPosition, BatchSource, DatasetKind, SkipSample,
+    at_least_one, box_list, object_corners, pad_boxes, processor_config, seeded_transform, stack_images,
 )
 from click4caption.errors import ConfigError, DataError
 from click4caption.images import to_rgb
@@ -153,11 +155,14 @@ class LaionDataset(BatchSource):
         shuffle_buffer: int,
         held_out: frozenset[str] = frozenset(),
         image_size: int | None = None,
+        keep_objects: bool = False,
     ) -> None:
         if not shards:
             raise DataError(f"datasets.{name}: no shard found")
         super().__init__(name, batch_size, sample_ratio, vis_processor, image_size)
         self.shards, self.held_out = shards, held_out
+        # object boxes in the json are passed on only when the transform keeps them valid
+        self.keep_objects = keep_objects
         self.text_processor = text_processor
         self.shuffle_buffer = at_least_one(shuffle_buffer, name, "shuffle_buffer")
         self._cache: OrderedDict[str, tuple[ShardIndex, Counter]] = OrderedDict()
@@ -196,6 +201,11 @@ class LaionDataset(BatchSource):
         caption = self.text_processor(caption) if isinstance(caption, str) else ""
         if not caption.strip():
             raise SkipSample("empty_caption", f"{path}:{index.keys[i]}")
+        objects = None
+        if self.keep_objects and isinstance(meta, dict) and "objects" in meta:
+            objects = box_list(meta["objects"])
+            if objects is None:
+                raise SkipSample("bad_objects", f"{path}:{index.keys[i]}")
         try:
             with Image.open(io.BytesIO(_read(path, index.image[i]))) as img:
                 img.load()
@@ -204,7 +214,10 @@ class LaionDataset(BatchSource):
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise SkipSample("unreadable_image", f"{path}:{index.keys[i]}: {err}") from None
-        return {"image": seeded_transform(self.vis_processor, image, rng), "caption": caption}
+        sample = {"image": seeded_transform(self.vis_processor, image, rng), "caption": caption}
+        if objects is not None:
+            sample["objects"] = object_corners(objects, image.width, image.height, self.image_size)
+        return sample
 
     def draw_batch(self, rng: np.random.Generator, pos: BatchPosition) -> tuple[dict[str, Any], Counter]:
         skipped: Counter = Counter()
@@ -242,8 +255,12 @@ class LaionDataset(BatchSource):
         return self.collate(items), skipped
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """-> ``image`` ``Bx3xSxS``, ``text_input`` (B captions); no ``bbox``."""
-        return {"image": stack_images(items), "text_input": [it["caption"] for it in items]}
+        """-> ``image`` ``Bx3xSxS``, ``text_input`` (B captions); no ``bbox``. With object
+        boxes in any sample's json, ``objects`` ``BxMx2x2`` and ``num_objects`` (B ints)."""
+        batch = {"image": stack_images(items), "text_input": [it["caption"] for it in items]}
+        if any("objects" in it for it in items):
+            batch["objects"], batch["num_objects"] = pad_boxes([it.get("objects", NO_OBJECTS) for it in items])
+        return batch
 
 
 def build_laion(cfg: DatasetConfig, name: str, batch_size: int, image_size: int) -> LaionDataset:
@@ -268,7 +285,8 @@ def build_laion(cfg: DatasetConfig, name: str, batch_size: int, image_size: int)
     vis_cfg = processor_config(cfg, "vis_processor", "blip2_image_train", image_size)
     text_cfg = processor_config(cfg, "text_processor", "blip_caption", image_size)
     return LaionDataset(name, shards, build_processor(vis_cfg), build_processor(text_cfg), batch_size,
-                        cfg.sample_ratio, cfg.shuffle_buffer, load_held_out_ids(cfg, name), vis_cfg.image_size)
+                        cfg.sample_ratio, cfg.shuffle_buffer, load_held_out_ids(cfg, name), vis_cfg.image_size,
+                        keep_objects=vis_cfg.name in BOX_SAFE_PROCESSORS)
 
 
 DATASET = DatasetKind(build_laion, unused_keys={

@@ -8,7 +8,9 @@ list of records::
      "boxes": [[x1, y1, x2, y2], ...],        # original-image pixels, one per [IMG],
                                               # in order of appearance across human turns
      "conversations": [{"from": "human", "value": "image[IMG] What color is it?"},
-                       {"from": "gpt", "value": "Red."}, ...]}
+                       {"from": "gpt", "value": "Red."}, ...],
+     "objects": [[x1, y1, x2, y2], ...]}      # optional: every object in the image
+                                              # (box-attention aid, objects mode)
 
 Records are checked once when the file is read (roles, one box per ``[IMG]``, boxes
 with x2 > x1 and y2 > y1, a non-empty reply); bad ones are left out and counted. At
@@ -34,7 +36,8 @@ from click4caption.boxes import scale_boxes
 from click4caption.config import DatasetConfig
 from click4caption.data.files import StringTable, check_storage, load_held_out_ids, log_filtered, read_json
 from click4caption.data.sources import (
-    DatasetKind, MapSource, SkipSample, build_box_safe_vis_processor, stack_images,
+    NO_OBJECTS, DatasetKind, MapSource, SkipSample, box_list, build_box_safe_vis_processor, object_corners, pad_boxes,
+    stack_images,
 )
 from click4caption.errors import DataError, InputError
 from click4caption.prompts import GPT_ROLES, HUMAN_ROLES, IMG_TOKEN
@@ -78,6 +81,8 @@ def check_record(rec: Any) -> str | None:
             return "bad_box"
         if not np.all(np.isfinite((x1, y1, x2, y2))) or x2 <= x1 or y2 <= y1:
             return "bad_box"
+    if "objects" in rec and box_list(rec["objects"]) is None:
+        return "bad_objects"
     return None
 
 
@@ -94,6 +99,11 @@ class RegionInstructDataset(MapSource):
         self.images = StringTable(r["image"] for r in records)
         self.box_offsets = np.cumsum([0] + [len(r["boxes"]) for r in records]).astype(np.int64)
         self.boxes = np.asarray([b for r in records for b in r["boxes"]], dtype=np.float32).reshape(-1, 4)
+        # optional object boxes (records without the key: -1 objects, none given to the batch)
+        objects = [r.get("objects") for r in records]
+        self.object_counts = np.asarray([-1 if o is None else len(o) for o in objects], dtype=np.int64)
+        self.object_offsets = np.cumsum([0] + [max(int(c), 0) for c in self.object_counts]).astype(np.int64)
+        self.objects = np.asarray([b for o in objects if o for b in o], dtype=np.float32).reshape(-1, 4)
         # conversations are kept as JSON-able lists; they are small next to the images
         self.conversations = [[{"from": t["from"], "value": t["value"]} for t in r["conversations"]] for r in records]
 
@@ -116,30 +126,36 @@ class RegionInstructDataset(MapSource):
         if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
             raise SkipSample("bad_box", f"record {self.ids[index]}: box outside the {img_w}x{img_h} image")
         corners = torch.from_numpy(scale_boxes(boxes, img_w, img_h, self.image_size).astype(np.float32))
-        return {"image": self.vis_processor(image), "bbox": corners, "conversations": self.conversations[index],
+        item = {"image": self.vis_processor(image), "bbox": corners, "conversations": self.conversations[index],
                 "image_key": self.images[index]}
+        if self.object_counts[index] >= 0:
+            objects = self.objects[self.object_offsets[index]:self.object_offsets[index + 1]]
+            item["objects"] = object_corners(objects, img_w, img_h, self.image_size)
+        return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """-> ``image`` ``Ux3xSxS`` (the U distinct images), ``image_index`` (B ints: record
         b's image), ``bbox`` ``BxKx2x2`` zero-padded, ``num_boxes`` (B ints),
-        ``conversations`` (B lists of turns). Records of one image share one ViT pass."""
-        counts = [it["bbox"].shape[0] for it in items]
-        bbox = torch.zeros(len(items), max(max(counts), 1), 2, 2)
-        for b, it in enumerate(items):
-            bbox[b, : counts[b]] = it["bbox"]
+        ``conversations`` (B lists of turns); with object boxes in any record, ``objects``
+        ``BxMx2x2`` zero-padded and ``num_objects`` (B ints). Records of one image share
+        one ViT pass."""
+        bbox, counts = pad_boxes([it["bbox"] for it in items])
         slot: dict[str, int] = {}
         distinct: list[dict[str, Any]] = []
         for it in items:
             if it["image_key"] not in slot:
                 slot[it["image_key"]] = len(distinct)
                 distinct.append(it)
-        return {
+        batch = {
             "image": stack_images(distinct),
             "image_index": [slot[it["image_key"]] for it in items],
             "bbox": bbox,
             "num_boxes": counts,
             "conversations": [it["conversations"] for it in items],
         }
+        if any("objects" in it for it in items):
+            batch["objects"], batch["num_objects"] = pad_boxes([it.get("objects", NO_OBJECTS) for it in items])
+        return batch
 
 
 def build_region_instruct(cfg: DatasetConfig, name: str, batch_size: int, image_size: int) -> RegionInstructDataset:

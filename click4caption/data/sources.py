@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from click4caption.boxes import scale_boxes
 from click4caption.config import DatasetConfig, ProcessorConfig
 from click4caption.errors import ConfigError, DataError
 from click4caption.processors import build_processor
@@ -226,3 +227,41 @@ def seeded_transform(processor: Any, image: Any, rng: np.random.Generator) -> to
 def stack_images(items: Sequence[dict[str, Any]]) -> torch.Tensor:
     """``B`` tensors ``3xSxS`` -> ``Bx3xSxS``."""
     return torch.stack([it["image"] for it in items])
+
+
+#: an item's object boxes when its record lists none
+NO_OBJECTS = torch.zeros(0, 2, 2)
+
+
+def pad_boxes(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """``B`` tensors ``Kx2x2`` (K may differ, may be 0) -> ``(BxKmaxx2x2`` zero-padded, the B counts)."""
+    counts = [int(r.shape[0]) for r in rows]
+    out = torch.zeros(len(rows), max(counts + [1]), 2, 2)
+    for b, r in enumerate(rows):
+        out[b, : counts[b]] = r
+    return out, counts
+
+
+def box_list(value: Any) -> np.ndarray | None:
+    """A JSON list of ``[x1, y1, x2, y2]`` boxes -> ``Mx4`` float32, or None if malformed
+    (not a list, a box without 4 finite numbers, or one with ``x2 <= x1`` / ``y2 <= y1``)."""
+    if not isinstance(value, list):
+        return None
+    try:
+        boxes = np.asarray(value, dtype=np.float32).reshape(-1, 4)
+    except (TypeError, ValueError):
+        return None
+    if len(boxes) != len(value) or not np.all(np.isfinite(boxes)):
+        return None
+    if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
+        return None
+    return boxes
+
+
+def object_corners(objects: np.ndarray, img_w: int, img_h: int, image_size: int) -> torch.Tensor:
+    """``Mx4`` object boxes (original pixels, ``x1, y1, x2, y2``) -> ``Mx2x2`` model pixels,
+    clipped to the image."""
+    boxes = objects.copy()
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, img_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, img_h)
+    return torch.from_numpy(scale_boxes(boxes, img_w, img_h, image_size).astype(np.float32))

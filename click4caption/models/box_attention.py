@@ -8,6 +8,11 @@ training loss, the target being the box, or with ``grid`` g > 0 the query's own 
 g x g grid over the box (so the box's layout reaches the LLM). With ``whole_image="free"``
 the queries of a (near-)whole-image box may look anywhere in the image instead: cells
 split large objects between queries, and the whole-image description has to count them.
+With ``whole_image="objects"`` and the training data's object boxes (``objects`` of
+:meth:`BoxAttentionAid.record`), each object of a (near-)whole-image box is seen by
+exactly one query: the query of the grid cell holding the object's centre targets the
+object's patches, a query whose cell holds no centre targets the background of its cell,
+so that counting the objects is counting the queries that see one.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -17,7 +22,7 @@ upstream; removing it removes nothing else.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +32,10 @@ from click4caption.errors import ConfigError
 
 #: the Q-Former attention implementation the aid needs (it reads attention maps)
 ATTN_IMPLEMENTATION = "eager"
+#: object boxes of each Q-Former row's image: ``(NxMx2x2 zero-padded, N counts)``
+ObjectBoxes = Tuple[torch.Tensor, torch.Tensor]
+#: what the queries of a (near-)whole-image box target (``box_attention_whole_image``)
+WHOLE_IMAGE_TARGETS = ("cells", "free", "objects")
 
 
 class BoxAttentionAid:
@@ -40,13 +49,16 @@ class BoxAttentionAid:
         grid_size: ``(H, W)`` patches of the image tokens.
         image_size: S, the model input side (boxes are in ``[0, S]`` pixels).
         whole_image: ``"cells"``: (near-)whole-image boxes get cells like any box;
-            ``"free"``: their queries target the whole image.
+            ``"free"``: their queries target the whole image; ``"objects"``: one query per
+            object where the object boxes are known (:meth:`object_targets`), else
+            ``"free"``.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
                  image_size: int, whole_image: str = "cells") -> None:
-        if whole_image not in ("cells", "free"):
-            raise ConfigError(f"box attention: whole_image must be 'cells' or 'free', got {whole_image!r}")
+        if whole_image not in WHOLE_IMAGE_TARGETS:
+            raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
+                              f"got {whole_image!r}")
         self.weight = weight
         self.grid = grid
         self.whole_image = whole_image
@@ -75,14 +87,15 @@ class BoxAttentionAid:
             self._maps.append(output[1])
 
     @contextmanager
-    def record(self, boxes: torch.Tensor) -> Iterator[None]:
+    def record(self, boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> Iterator[None]:
         """Keep the maps of the Q-Former pass inside the block and add its loss for
-        ``boxes`` (``Nx2x2``, one per Q-Former row)."""
+        ``boxes`` (``Nx2x2``, one per Q-Former row); ``objects`` (``NxMx2x2`` zero-padded,
+        ``N`` counts) are the boxes of every object in each row's image, where known."""
         self._maps = []
         try:
             yield
             if self._maps:
-                self._losses.append(self.loss(self._maps, boxes.float()))
+                self._losses.append(self.loss(self._maps, boxes.float(), objects))
         finally:
             self._maps = None
 
@@ -131,26 +144,67 @@ class BoxAttentionAid:
         s, j = float(self.image_size), NEAR_FULL_BOX_JITTER
         return (boxes[:, 0] <= j).all(-1) & (boxes[:, 1] >= s - j).all(-1)
 
-    def targets(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def object_targets(self, objects: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """One query per object on a whole image: ``Mx2x2`` object boxes -> ``QxT`` masks.
+
+        Query q owns cell ``q mod g*g`` of a g x g grid over the image. A cell holding
+        the centre of one or more objects targets their patches (the whole objects, also
+        outside the cell); any other cell targets its background (its patches outside
+        every object), or when it has none, the image's background (or, with none, the cell).
+        """
+        g, q, s = self.grid, self.num_queries, float(self.image_size)
+        whole = objects.new_tensor([[[0.0, 0.0], [s, s]]])
+        cells = self.query_cells(whole)[0]  # Qx2x2
+        cell_masks = self.inside_box_mask(cells, num_tokens)  # QxT
+        object_masks = self.inside_box_mask(objects, num_tokens)  # MxT
+        background = 1.0 - object_masks.amax(dim=0)  # T
+        if num_tokens == self.grid_size[0] * self.grid_size[1] + 1:
+            background[0] = 0.0  # a kept CLS token is never a target
+        centres = (objects[:, 0] + objects[:, 1]) / 2  # Mx2 (x, y)
+        col = (centres[:, 0] / s * g).floor().clamp(0, g - 1).long()
+        row = (centres[:, 1] / s * g).floor().clamp(0, g - 1).long()
+        owner = (row * g + col)[None] == (torch.arange(q, device=objects.device) % (g * g))[:, None]  # QxM
+        owned = (owner.to(object_masks.dtype) @ object_masks).clamp(max=1.0)  # QxT
+        empty_cell = cell_masks * background
+        fallback = background if background.sum() > 0 else None
+        out = []
+        for k in range(q):
+            if owner[k].any():
+                out.append(owned[k])
+            elif empty_cell[k].sum() > 0:
+                out.append(empty_cell[k])
+            else:
+                out.append(fallback if fallback is not None else cell_masks[k])
+        return torch.stack(out)
+
+    def targets(self, boxes: torch.Tensor, num_tokens: int, objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Where each learned query should look: ``Nx2x2`` boxes -> ``NxQxT`` masks
-        (its cell, or the whole image for a near-full box with ``whole_image="free"``)."""
+        (its cell; for a near-full box with ``whole_image="free"`` the whole image, with
+        ``"objects"`` and the row's object boxes known :meth:`object_targets`)."""
         n, q = boxes.shape[0], self.num_queries
         cells = self.query_cells(boxes).reshape(n * q, 2, 2)
         mask = self.inside_box_mask(cells, num_tokens).reshape(n, q, -1)
-        if self.whole_image == "free" and self.grid > 0:
+        if self.whole_image in ("free", "objects") and self.grid > 0:
+            near_full = self.is_near_full(boxes)
             image = boxes.new_tensor([[[0.0, 0.0], [float(self.image_size)] * 2]])
             anywhere = self.inside_box_mask(image, num_tokens)  # 1xT
-            mask = torch.where(self.is_near_full(boxes)[:, None, None], anywhere[:, None], mask)
+            mask = torch.where(near_full[:, None, None], anywhere[:, None], mask)
+            if self.whole_image == "objects" and objects is not None:
+                boxes_m, counts = objects
+                for row in near_full.nonzero().flatten().tolist():
+                    if int(counts[row]) > 0:
+                        mask[row] = self.object_targets(boxes_m[row, : int(counts[row])].to(mask.dtype), num_tokens)
         return mask
 
-    def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).
 
         Args:
             maps: per cross-attention layer ``NxHx(Q+2)xT`` (queries, then the 2 corners).
             boxes: ``Nx2x2`` in model pixels.
+            objects: ``(NxMx2x2, N counts)`` object boxes of each row's image, or None.
         """
         n, q = boxes.shape[0], self.num_queries
-        mask = self.targets(boxes, maps[0].shape[-1]).reshape(n, 1, q, -1)
+        mask = self.targets(boxes, maps[0].shape[-1], objects).reshape(n, 1, q, -1)
         losses = [-(m[:, :, :q] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
         return torch.stack(losses).mean()

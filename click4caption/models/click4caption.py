@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from click4caption.boxes import NEAR_FULL_BOX_JITTER
 from click4caption.errors import InputError
-from click4caption.models.box_attention import BoxAttentionAid
+from click4caption.models.box_attention import BoxAttentionAid, ObjectBoxes
 from click4caption.models.prompt_encoder import PromptEncoder
 from click4caption.models.vision import VisionEncoder
 from click4caption.prompts import IMG_TOKEN, PROMPT_IMAGE_PLACEHOLDER, conversation_pieces
@@ -161,12 +161,15 @@ class Click4Caption(nn.Module):
             embeds = embeds + pe.unsqueeze(0).to(embeds.dtype)
         return embeds
 
-    def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor,
+                       objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Q-Former over paired image tokens and boxes.
 
         Args:
             image_embeds: ``NxTxC`` (one row per box).
             boxes: ``Nx2x2`` corners in model pixels.
+            objects: training only, for the box-attention aid: the boxes of every object
+                in each row's image (``NxMx2x2`` zero-padded, ``N`` counts), where known.
         Returns:
             soft tokens ``NxQxE`` in the LLM's embedding dtype.
         """
@@ -176,7 +179,7 @@ class Click4Caption(nn.Module):
         tokens = torch.cat([queries, corners.to(queries.dtype)], dim=1)
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         aid = self.box_attention if self.training else None
-        with aid.record(boxes.to(self.device)) if aid is not None else contextlib.nullcontext():
+        with aid.record(boxes.to(self.device), objects) if aid is not None else contextlib.nullcontext():
             out = self.qformer(
                 query_embeds=tokens,
                 encoder_hidden_states=image_embeds,
@@ -186,7 +189,8 @@ class Click4Caption(nn.Module):
         return soft.to(self.llama_model.get_input_embeddings().weight.dtype)
 
     def encode_img_with_bbox(
-        self, image: torch.Tensor, boxes: torch.Tensor, image_embeds: torch.Tensor | None = None
+        self, image: torch.Tensor, boxes: torch.Tensor, image_embeds: torch.Tensor | None = None,
+        objects: ObjectBoxes | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Upstream's entry point.
 
@@ -194,6 +198,8 @@ class Click4Caption(nn.Module):
             image: ``Bx3xSxS`` (ignored when ``image_embeds`` is given).
             boxes: ``BxRx2x2`` corners ((x1, y1), (x2, y2)) in model-input pixels.
             image_embeds: cached ``BxTxC`` from :meth:`encode_image` to skip the ViT.
+            objects: training only: object boxes of each image (``BxMx2x2``, ``B`` counts),
+                for the box-attention aid (:meth:`encode_regions`).
         Returns:
             ``(soft_tokens (B*R)xQxE, atts (B*R)xQ, image_embeds BxTxC)``; rows are
             image-major (image 0's R boxes first).
@@ -204,7 +210,9 @@ class Click4Caption(nn.Module):
         if image_embeds.shape[0] != bsz:
             raise InputError(f"{image_embeds.shape[0]} images but boxes for {bsz}")
         cross = image_embeds.repeat_interleave(num_regions, dim=0)
-        soft = self.encode_regions(cross, boxes.reshape(-1, 2, 2))
+        if objects is not None:  # per image -> per row
+            objects = (objects[0].repeat_interleave(num_regions, dim=0), objects[1].repeat_interleave(num_regions, dim=0))
+        soft = self.encode_regions(cross, boxes.reshape(-1, 2, 2), objects)
         atts = torch.ones(soft.shape[:-1], dtype=torch.long, device=soft.device)
         return soft, atts, image_embeds
 
@@ -224,6 +232,10 @@ class Click4Caption(nn.Module):
         human turns hold one ``[IMG]`` per box); loss on the assistant replies. With
         ``image_index`` (B ints), ``image`` holds U distinct images and record b uses
         ``image[image_index[b]]`` (one ViT pass per image however many records).
+
+        Both modes: optional ``objects`` ``BxMx2x2`` (zero-padded) and ``num_objects`` (B
+        ints), the boxes of every object in each image or record, read by the
+        box-attention aid only (``box_attention_whole_image: objects``).
         """
         if "conversations" in samples:
             return self._forward_conversations(samples)
@@ -231,7 +243,7 @@ class Click4Caption(nn.Module):
         boxes = samples.get("bbox")
         if boxes is None:
             boxes = self.random_near_full_boxes(image.shape[0])
-        soft, atts, _ = self.encode_img_with_bbox(image, boxes.to(self.device))
+        soft, atts, _ = self.encode_img_with_bbox(image, boxes.to(self.device), objects=self._object_boxes(samples))
         texts = caption_rows(samples["text_input"], image.shape[0], boxes.shape[1])
         if self.prompt_list:
             soft, atts = self.prompt_wrap(soft, atts, random.choice(self.prompt_list))
@@ -283,6 +295,13 @@ class Click4Caption(nn.Module):
         return {"loss": lm_loss + self.box_attention.weight * aux, "lm_loss": lm_loss.detach(),
                 "box_attention_loss": aux.detach()}
 
+    def _object_boxes(self, samples: dict[str, Any]) -> ObjectBoxes | None:
+        """A batch's optional ``objects`` (``BxMx2x2``) and ``num_objects`` (``B``): the
+        boxes of every object in each image or record, for the box-attention aid."""
+        if self.box_attention is None or samples.get("objects") is None:
+            return None
+        return samples["objects"].to(self.device), torch.as_tensor(samples["num_objects"], device=self.device)
+
     def _forward_conversations(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
         image = samples["image"].to(self.device)
         boxes = samples["bbox"].to(self.device)
@@ -292,7 +311,11 @@ class Click4Caption(nn.Module):
             image_embeds = image_embeds[torch.as_tensor(samples["image_index"], device=self.device)]
         rows = [b for b, c in enumerate(counts) for _ in range(c)]
         flat = torch.cat([boxes[b, :c] for b, c in enumerate(counts)]) if rows else boxes[:0, 0]
-        soft = self.encode_regions(image_embeds[rows], flat) if rows else None
+        objects = self._object_boxes(samples)
+        if objects is not None and rows:  # per record -> per row
+            index = torch.as_tensor(rows, device=self.device)
+            objects = (objects[0][index], objects[1][index])
+        soft = self.encode_regions(image_embeds[rows], flat, objects) if rows else None
         seqs, labels, start = [], [], 0
         for b, turns in enumerate(samples["conversations"]):
             regions = soft[start:start + counts[b]] if soft is not None else None

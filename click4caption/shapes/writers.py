@@ -6,7 +6,7 @@ content depends only on ``(seed, part, its size)``:
 - ``VisualGenome/``: Visual Genome v1.2 (``image_data.json``, ``region_descriptions.json``,
   ``VG_100K/<id>.jpg``); one region per object, phrase ``"a large red circle"``.
 - ``LAION/``: webdataset shards ``00000.tar``, ... holding ``<key>.jpg``, ``<key>.json``
-  (``caption``, ``width``, ``height``, ``key``) and ``<key>.txt``.
+  (``caption``, ``width``, ``height``, ``key``, ``objects``: every object's box) and ``<key>.txt``.
 - ``region_instruct/``: LLaVA-style ``instruct.json`` plus ``images/<id>.jpg``.
 
 Instruction records: an :class:`InstructMix` says what each scene is asked (by default
@@ -129,6 +129,12 @@ def write_visual_genome(
 
 
 # ----------------------------------------------------------------------------- LAION
+def scene_object_boxes(scene: Scene) -> list[list[int]]:
+    """Every object's ``[x1, y1, x2, y2]`` (original pixels), as the LAION json and the
+    whole-image instruction records list them."""
+    return [obj.box_xyxy for obj in scene.objects]
+
+
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed mtime: byte-identical reruns
@@ -160,7 +166,8 @@ def write_laion(
                 shards += 1
             key = f"{index:09d}"
             caption = whole_image_caption(scene)
-            meta = {"caption": caption, "width": scene.width, "height": scene.height, "key": key}
+            meta = {"caption": caption, "width": scene.width, "height": scene.height, "key": key,
+                    "objects": scene_object_boxes(scene)}
             _add_member(tar, f"{key}.jpg", _jpeg_bytes(image))
             _add_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
             _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
@@ -341,7 +348,8 @@ def write_region_instruct(
 
     Each scene's conversations (:func:`scene_conversations`) become records
     ``{"id": "<image id>_<k>", "image", "boxes", "conversations"}``; ``boxes`` lists one
-    box per ``[IMG]`` in order of appearance across the human turns.
+    box per ``[IMG]`` in order of appearance across the human turns. A record asking
+    about the whole image also lists every object's box (``objects``).
     """
     mix = mix or InstructMix()
     root = Path(root)
@@ -361,8 +369,11 @@ def write_region_instruct(
                 if turn["answer"] in ("Yes.", "No."):
                     answers[f"{turn['kind']}:{turn['answer']}"] += 1
             turns_per_record[len(conv["turns"])] += 1
-            records.append({"id": f"{image_id}_{k}", "image": f"images/{image_id}.jpg", "boxes": conv["boxes"],
-                            "conversations": conversations})
+            record = {"id": f"{image_id}_{k}", "image": f"images/{image_id}.jpg", "boxes": conv["boxes"],
+                      "conversations": conversations}
+            if scene.whole_box in conv["boxes"]:  # what the box-attention aid needs for whole images
+                record["objects"] = scene_object_boxes(scene)
+            records.append(record)
     _dump_json(root / "instruct.json", records)
     return {
         "path": str(root / "instruct.json"),
