@@ -540,7 +540,9 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
     aid = model.box_attention
     a = torch.tensor([[2.0, 2.0], [10.0, 10.0]])  # centre in cell 0; covers patch 0
     b = torch.tensor([[18.0, 2.0], [30.0, 30.0]])  # centre (24, 16): cell 3; covers columns 2-3
-    t = aid.object_targets(torch.stack([a, b]), 16).reshape(4, 4, 4)
+    t = aid.object_targets(torch.stack([a, b])[None], torch.tensor([2]), 16)[0].reshape(4, 4, 4)
+    padded = aid.object_targets(torch.stack([a, b, torch.zeros(2, 2), torch.zeros(2, 2)])[None], torch.tensor([2]), 16)
+    assert torch.equal(padded[0].reshape(4, 4, 4), t)  # padding boxes are no objects
     in_b = torch.zeros(4, 4)
     in_b[:, 2:] = 1
     background = 1 - in_b

@@ -310,6 +310,37 @@ def test_writer_is_deterministic_and_multi_turn(tmp_path: Path) -> None:
         write_shapes_dataset(tmp_path / "e", {"coco": 1}, progress=False)
     with pytest.raises(ValueError):
         InstructMix(turns_per_record=0)
+    with pytest.raises(ValueError):
+        InstructMix(hard_no=1.5)
+
+
+def test_hard_same_shape_negatives() -> None:
+    """``hard_no``: same-shape No pairs drawn among the confused shape pairs; 0 draws
+    exactly as before (the data of earlier recipes is unchanged)."""
+    from click4caption.shapes.writers import CONFUSED_SHAPES, scene_tasks
+
+    objects = [world.ShapeObject(shape, "red", "large", (10 + 60 * k, 10, 50, 50), (255, 0, 0))
+               for k, shape in enumerate(("circle", *SHAPES))]  # one Yes pair (two circles), both orders
+    scene = world.Scene(width=380, height=80, background=128, objects=objects)
+
+    def no_pairs(mix: InstructMix, seed: int) -> list[frozenset]:
+        tasks = scene_tasks(scene, np.random.default_rng(seed), mix)
+        return [frozenset(objects[i].shape for i in t["objects"]) for t in tasks
+                if t["kind"] == "same_shape" and t["answer"] == "No."]
+
+    base = dict(describe=0, color=0, shape=0, size=0, same_color=0, whole=0, same_shape=3)
+    hard = [p for seed in range(30) for p in no_pairs(InstructMix(**base, hard_no=1.0), seed)]
+    assert len(hard) == 60 and all(p in CONFUSED_SHAPES for p in hard)  # 2 couples: as many as Yes pairs
+    plain = [p for seed in range(30) for p in no_pairs(InstructMix(**base), seed)]
+    assert len(plain) == 60 and 0.25 < sum(p in CONFUSED_SHAPES for p in plain) / 60 < 0.75  # 16 of 28 pairs
+    tasks = scene_tasks(scene, np.random.default_rng(3), InstructMix(**base))
+    rng = np.random.default_rng(3)  # hard_no 0 draws as the writer always did: Yes pairs, then No pairs
+    rng.random(len(objects) * len(world.SINGLE_QUESTIONS))  # the single questions' draws (none asked)
+    for kind in world.PAIR_QUESTIONS:
+        yes, no = world.find_pairs(scene, kind, "Yes."), world.find_pairs(scene, kind, "No.")
+        n = min(base[kind], len(yes), len(no))
+        expect = [yes[k] for k in rng.permutation(len(yes))[:n]] + [no[k] for k in rng.permutation(len(no))[:n]]
+    assert [t["objects"] for t in tasks if t["kind"] == "same_shape"] == [list(p) for p in expect]
 
 
 # ----------------------------------------------------------------------------- tokenizer

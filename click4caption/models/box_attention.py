@@ -144,8 +144,9 @@ class BoxAttentionAid:
         s, j = float(self.image_size), NEAR_FULL_BOX_JITTER
         return (boxes[:, 0] <= j).all(-1) & (boxes[:, 1] >= s - j).all(-1)
 
-    def object_targets(self, objects: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """One query per object on a whole image: ``Mx2x2`` object boxes -> ``QxT`` masks.
+    def object_targets(self, objects: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """One query per object on whole images: ``NxMx2x2`` object boxes (zero-padded)
+        and ``N`` counts -> ``NxQxT`` masks.
 
         Query q owns cell ``q mod g*g`` of a g x g grid over the image. A cell holding
         the centre of one or more objects targets their patches (the whole objects, also
@@ -153,29 +154,25 @@ class BoxAttentionAid:
         every object), or when it has none, the image's background (or, with none, the cell).
         """
         g, q, s = self.grid, self.num_queries, float(self.image_size)
+        n, m = objects.shape[:2]
         whole = objects.new_tensor([[[0.0, 0.0], [s, s]]])
-        cells = self.query_cells(whole)[0]  # Qx2x2
-        cell_masks = self.inside_box_mask(cells, num_tokens)  # QxT
-        object_masks = self.inside_box_mask(objects, num_tokens)  # MxT
-        background = 1.0 - object_masks.amax(dim=0)  # T
+        cell_masks = self.inside_box_mask(self.query_cells(whole)[0], num_tokens)[None]  # 1xQxT
+        valid = (torch.arange(m, device=objects.device)[None] < counts[:, None]).to(objects.dtype)  # NxM
+        object_masks = self.inside_box_mask(objects.reshape(n * m, 2, 2), num_tokens).reshape(n, m, -1)
+        object_masks = object_masks * valid[..., None]  # NxMxT
+        background = 1.0 - object_masks.amax(dim=1)  # NxT
         if num_tokens == self.grid_size[0] * self.grid_size[1] + 1:
-            background[0] = 0.0  # a kept CLS token is never a target
-        centres = (objects[:, 0] + objects[:, 1]) / 2  # Mx2 (x, y)
-        col = (centres[:, 0] / s * g).floor().clamp(0, g - 1).long()
-        row = (centres[:, 1] / s * g).floor().clamp(0, g - 1).long()
-        owner = (row * g + col)[None] == (torch.arange(q, device=objects.device) % (g * g))[:, None]  # QxM
-        owned = (owner.to(object_masks.dtype) @ object_masks).clamp(max=1.0)  # QxT
-        empty_cell = cell_masks * background
-        fallback = background if background.sum() > 0 else None
-        out = []
-        for k in range(q):
-            if owner[k].any():
-                out.append(owned[k])
-            elif empty_cell[k].sum() > 0:
-                out.append(empty_cell[k])
-            else:
-                out.append(fallback if fallback is not None else cell_masks[k])
-        return torch.stack(out)
+            background[:, 0] = 0.0  # a kept CLS token is never a target
+        centres = (objects[:, :, 0] + objects[:, :, 1]) / 2  # NxMx2 (x, y)
+        col = (centres[..., 0] / s * g).floor().clamp(0, g - 1)
+        row = (centres[..., 1] / s * g).floor().clamp(0, g - 1)
+        cell_of_query = (torch.arange(q, device=objects.device) % (g * g)).to(objects.dtype)
+        owner = ((row * g + col)[:, None, :] == cell_of_query[None, :, None]).to(objects.dtype) * valid[:, None]  # NxQxM
+        owned = (owner @ object_masks).clamp(max=1.0)  # NxQxT
+        empty_cell = cell_masks * background[:, None]  # NxQxT
+        fallback = torch.where(background.sum(-1, keepdim=True)[:, None] > 0, background[:, None], cell_masks)
+        out = torch.where(empty_cell.sum(-1, keepdim=True) > 0, empty_cell, fallback)
+        return torch.where(owner.sum(-1, keepdim=True) > 0, owned, out)
 
     def targets(self, boxes: torch.Tensor, num_tokens: int, objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Where each learned query should look: ``Nx2x2`` boxes -> ``NxQxT`` masks
@@ -191,9 +188,9 @@ class BoxAttentionAid:
             mask = torch.where(near_full[:, None, None], anywhere[:, None], mask)
             if self.whole_image == "objects" and objects is not None:
                 boxes_m, counts = objects
-                for row in near_full.nonzero().flatten().tolist():
-                    if int(counts[row]) > 0:
-                        mask[row] = self.object_targets(boxes_m[row, : int(counts[row])].to(mask.dtype), num_tokens)
+                rows = (near_full & (counts > 0)).nonzero().flatten()
+                if len(rows):
+                    mask[rows] = self.object_targets(boxes_m[rows].to(mask.dtype), counts[rows], num_tokens)
         return mask
 
     def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> torch.Tensor:
