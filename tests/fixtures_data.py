@@ -20,8 +20,7 @@ from click4caption.shapes.writers import write_visual_genome
 # ids of the broken things each writer adds
 VG_BROKEN_IMAGE_IDS = {"corrupt": "9001", "missing": "9002", "all_regions_bad": "9003"}
 TEXTOCR_FEW_WORDS_ID = "img_few"
-LAION_BROKEN_KEYS = {"bad_jpg": "bad00001", "empty_caption": "bad00002", "no_json": "bad00003",
-                     "bad_objects": "bad00004"}
+LAION_BROKEN_KEYS = {"bad_jpg": "bad00001", "empty_caption": "bad00002", "no_json": "bad00003"}
 
 
 def _jpeg(w: int, h: int, seed: int) -> bytes:
@@ -123,13 +122,23 @@ def write_laion(root: Path, n_images: int = 12, shard_size: int = 6, seed: int =
         _add(tar, f"{keys['empty_caption']}.jpg", _jpeg(40, 30, 1))
         _add(tar, f"{keys['empty_caption']}.json", json.dumps({"caption": " ... "}).encode())
         _add(tar, f"{keys['no_json']}.jpg", _jpeg(40, 30, 2))
-        _add(tar, f"{keys['bad_objects']}.jpg", _jpeg(40, 30, 4))
-        _add(tar, f"{keys['bad_objects']}.json",
-             json.dumps({"caption": "two shapes", "objects": [[10, 10, 5, 20]]}).encode())
         _add(tar, "good0001.jpg", _jpeg(40, 30, 3))
         _add(tar, "good0001.json", json.dumps({"caption": "Two shapes: a RED circle!"}).encode())
     (root / "99999.tar").write_bytes(b"definitely not a tar archive" * 30)
     return root
+
+
+def write_laion_bad_objects(path: Path, good: int = 2) -> Path:
+    """One shard: ``good`` samples whose json lists valid object boxes, one whose
+    ``objects`` hold an inverted box (``bad00004``)."""
+    with tarfile.open(path, "w") as tar:
+        for k in range(good):
+            _add(tar, f"obj{k:05d}.jpg", _jpeg(40, 30, 10 + k))
+            _add(tar, f"obj{k:05d}.json",
+                 json.dumps({"caption": "two shapes", "objects": [[2, 3, 12, 13], [20, 5, 38, 25]]}).encode())
+        _add(tar, "bad00004.jpg", _jpeg(40, 30, 4))
+        _add(tar, "bad00004.json", json.dumps({"caption": "two shapes", "objects": [[10, 10, 5, 20]]}).encode())
+    return path
 
 
 def write_region_instruct(root: Path, n_images: int = 4, seed: int = 0) -> Path:

@@ -209,7 +209,7 @@ def test_region_instruct_records(data: dict[str, Path]) -> None:
     assert torch.allclose(item["bbox"][0], torch.tensor([[x1 * S / w, y1 * S / h], [x2 * S / w, y2 * S / h]]), atol=1e-4)
 
 
-def test_object_boxes_reach_the_batch(data: dict[str, Path]) -> None:
+def test_object_boxes_reach_the_batch(data: dict[str, Path], tmp_path: Path) -> None:
     """Whole-image instruction records and LAION jsons list every object's box: batches
     carry them scaled to the model input and zero-padded (``objects``, ``num_objects``);
     records without the key get none, malformed lists are left out, and LAION passes them
@@ -235,8 +235,7 @@ def test_object_boxes_reach_the_batch(data: dict[str, Path]) -> None:
     assert "objects" not in ds.collate([other, other])
 
     eval_laion = build_laion(dcfg(data["laion"], shuffle_buffer=4), "laion", batch_size=3, image_size=S)
-    batches, skipped = draw(eval_laion, 30)
-    assert skipped["bad_objects"] > 0
+    batches, _ = draw(eval_laion, 30)
     seen = 0
     for batch in batches:
         assert len(batch["num_objects"]) == 3 and batch["objects"].shape[0] == 3
@@ -247,6 +246,13 @@ def test_object_boxes_reach_the_batch(data: dict[str, Path]) -> None:
     assert seen
     crop_laion = build_laion(dcfg(data["laion"], _laion=True, shuffle_buffer=4), "laion", batch_size=3, image_size=S)
     assert all("objects" not in b for b in draw(crop_laion, 10)[0])
+    shard = fx.write_laion_bad_objects(tmp_path / "objects.tar")
+    small = build_laion(dcfg(shard, shuffle_buffer=3), "laion", batch_size=2, image_size=S)
+    batches, skipped = draw(small, 6)
+    assert skipped["bad_objects"] > 0  # an inverted box: the sample is left out
+    first = batches[0]["objects"][0]
+    assert torch.allclose(first, torch.tensor([[[2 * S / 40, 3 * S / 30], [12 * S / 40, 13 * S / 30]],
+                                               [[20 * S / 40, 5 * S / 30], [38 * S / 40, 25 * S / 30]]]))
 
 
 def test_region_instruct_held_out_by_id_or_image(data: dict[str, Path]) -> None:
