@@ -46,16 +46,6 @@ def read_laion(folder: Path) -> list[tuple[bytes, dict]]:
     return samples
 
 
-def owners(meta: dict, grid: int, queries: int) -> torch.Tensor:
-    """``Q`` bools: the query's cell holds an object's centre (cells row-major, query q -> cell q mod g*g)."""
-    own = torch.zeros(queries, dtype=torch.bool)
-    for x1, y1, x2, y2 in meta["objects"]:
-        cx, cy = (x1 + x2) / 2 / meta["width"], (y1 + y2) / 2 / meta["height"]
-        cell = min(int(cy * grid), grid - 1) * grid + min(int(cx * grid), grid - 1)
-        own[torch.arange(queries) % (grid * grid) == cell] = True
-    return own
-
-
 def fit(x: torch.Tensor, y: torch.Tensor, classes: int, hidden: int, steps: int, seed: int = 0) -> nn.Module:
     """A one-hidden-layer MLP fit by full-batch AdamW (``classes`` 1: a binary logit)."""
     torch.manual_seed(seed)
@@ -94,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     model.freeze(frozen_parts(cfg.model))
     load_trainable_state_dict(model, load_checkpoint(args.checkpoint)["model"], args.checkpoint)
     model.eval()
-    aid, q, grid, size = model.box_attention, cfg.model.num_query_token, cfg.model.box_attention_grid, model.img_size
+    aid, q, size = model.box_attention, cfg.model.num_query_token, model.img_size
     processor = build_processor(cfg.datasets["laion"].vis_processor.train)
     samples = read_laion(Path(args.laion))
     if len(samples) < 40:
@@ -117,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             soft = model.encode_regions(model.encode_image(torch.stack([processor(im) for im in images])), boxes)
         target = aid.object_targets(padded, n_obj, maps[0].shape[-1])  # NxQxT
+        own.append(aid.object_owners(padded, n_obj).amax(-1) > 0)  # NxQ
         mass.append(torch.stack([(mp[:, :, :q].mean(1) * target).sum(-1) for mp in maps], dim=-1))  # NxQxL
         tokens.append(soft)
         counts += [len(o) for o in objects]
-        own += [owners(meta, grid, q) for _, meta in chunk]
     for h in hooks:
         h.remove()
-    tokens, mass, own = torch.cat(tokens), torch.cat(mass), torch.stack(own)
+    tokens, mass, own = torch.cat(tokens), torch.cat(mass), torch.cat(own)
     y = torch.tensor(counts) - 2
     n = len(y)
     train, test = slice(0, 3 * n // 4), slice(3 * n // 4, n)

@@ -543,6 +543,8 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
     t = aid.object_targets(torch.stack([a, b])[None], torch.tensor([2]), 16)[0].reshape(4, 4, 4)
     padded = aid.object_targets(torch.stack([a, b, torch.zeros(2, 2), torch.zeros(2, 2)])[None], torch.tensor([2]), 16)
     assert torch.equal(padded[0].reshape(4, 4, 4), t)  # padding boxes are no objects
+    owners = aid.object_owners(torch.stack([a, b, torch.zeros(2, 2)])[None], torch.tensor([2]))[0]  # QxM
+    assert owners.tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 0]]
     in_b = torch.zeros(4, 4)
     in_b[:, 2:] = 1
     background = 1 - in_b

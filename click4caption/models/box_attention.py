@@ -144,6 +144,19 @@ class BoxAttentionAid:
         s, j = float(self.image_size), NEAR_FULL_BOX_JITTER
         return (boxes[:, 0] <= j).all(-1) & (boxes[:, 1] >= s - j).all(-1)
 
+    def object_owners(self, objects: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Which query owns which object on whole images: ``NxMx2x2`` object boxes
+        (zero-padded) and ``N`` counts -> ``NxQxM`` 0/1, query q owning object m when the
+        centre of m lies in q's cell (``q mod g*g`` of a g x g grid over the image, row-major)."""
+        g, q, s = self.grid, self.num_queries, float(self.image_size)
+        m = objects.shape[1]
+        valid = (torch.arange(m, device=objects.device)[None] < counts[:, None]).to(objects.dtype)  # NxM
+        centres = (objects[:, :, 0] + objects[:, :, 1]) / 2  # NxMx2 (x, y)
+        col = (centres[..., 0] / s * g).floor().clamp(0, g - 1)
+        row = (centres[..., 1] / s * g).floor().clamp(0, g - 1)
+        cell_of_query = (torch.arange(q, device=objects.device) % (g * g)).to(objects.dtype)
+        return ((row * g + col)[:, None, :] == cell_of_query[None, :, None]).to(objects.dtype) * valid[:, None]
+
     def object_targets(self, objects: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """One query per object on whole images: ``NxMx2x2`` object boxes (zero-padded)
         and ``N`` counts -> ``NxQxT`` masks.
@@ -153,7 +166,7 @@ class BoxAttentionAid:
         outside the cell); any other cell targets its background (its patches outside
         every object), or when it has none, the image's background (or, with none, the cell).
         """
-        g, q, s = self.grid, self.num_queries, float(self.image_size)
+        s = float(self.image_size)
         n, m = objects.shape[:2]
         whole = objects.new_tensor([[[0.0, 0.0], [s, s]]])
         cell_masks = self.inside_box_mask(self.query_cells(whole)[0], num_tokens)[None]  # 1xQxT
@@ -163,11 +176,7 @@ class BoxAttentionAid:
         background = 1.0 - object_masks.amax(dim=1)  # NxT
         if num_tokens == self.grid_size[0] * self.grid_size[1] + 1:
             background[:, 0] = 0.0  # a kept CLS token is never a target
-        centres = (objects[:, :, 0] + objects[:, :, 1]) / 2  # NxMx2 (x, y)
-        col = (centres[..., 0] / s * g).floor().clamp(0, g - 1)
-        row = (centres[..., 1] / s * g).floor().clamp(0, g - 1)
-        cell_of_query = (torch.arange(q, device=objects.device) % (g * g)).to(objects.dtype)
-        owner = ((row * g + col)[:, None, :] == cell_of_query[None, :, None]).to(objects.dtype) * valid[:, None]  # NxQxM
+        owner = self.object_owners(objects, counts)  # NxQxM
         owned = (owner @ object_masks).clamp(max=1.0)  # NxQxT
         empty_cell = cell_masks * background[:, None]  # NxQxT
         fallback = torch.where(background.sum(-1, keepdim=True)[:, None] > 0, background[:, None], cell_masks)
