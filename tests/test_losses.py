@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from click4caption.errors import ConfigError
 from click4caption.models.box_attention import BoxAttentionAid
 
 
@@ -63,8 +64,44 @@ def test_the_aid_records_only_inside_its_block_and_hands_its_loss_out_once() -> 
     box = torch.tensor([[[0.0, 0.0], [2.0, 2.0]]])
     with a.record(box):
         a._record(None, None, (None, maps_for([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0]])[0]))
-    assert float(a.take_loss()) == pytest.approx(-math.log(0.5), rel=1e-6)
+    total, parts = a.take_loss()
+    assert float(total) == pytest.approx(-math.log(0.5), rel=1e-6) and set(parts) == {"box_attention_loss"}
     assert a.take_loss() is None
+
+
+def test_owner_loss_reads_the_first_channel_of_whole_image_rows() -> None:
+    """Binary cross-entropy of "owns an object" from channel 0 of each query's output, on
+    near-full rows with known objects only; take_loss adds it with its own weight."""
+    a = BoxAttentionAid(weight=1.0, grid=2, num_queries=4, grid_size=(2, 2), image_size=32,
+                        whole_image="objects", owner_weight=0.5)
+    whole, corner = [[0.0, 0.0], [32.0, 32.0]], [[0.0, 0.0], [16.0, 16.0]]
+    boxes = torch.tensor([whole, corner, whole])
+    objects = (torch.tensor([[[[20.0, 4.0], [28.0, 12.0]], [[0.0, 0.0], [0.0, 0.0]]],  # one object in cell 1
+                             [[[20.0, 4.0], [28.0, 12.0]], [[0.0, 0.0], [0.0, 0.0]]],  # not a whole-image box
+                             [[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]]),  # objects unknown
+               torch.tensor([1, 1, 0]))
+    logits = [2.0, 1.0, -1.0, 0.5]
+    outputs = torch.zeros(3, 4, 3)
+    outputs[0, :, 0] = torch.tensor(logits)
+    outputs[1:, :, 0] = 9.0  # ignored rows
+    outputs[0, :, 1:] = 5.0  # other channels are not read
+
+    def bce(x: float, y: int) -> float:
+        return -math.log(1 / (1 + math.exp(-x))) if y else -math.log(1 - 1 / (1 + math.exp(-x)))
+
+    expected = sum(bce(x, y) for x, y in zip(logits, [0, 1, 0, 0])) / 4
+    assert float(a.owner_loss(outputs, boxes, objects)) == pytest.approx(expected, rel=1e-6)
+    assert a.owner_loss(outputs[1:], boxes[1:], (objects[0][1:], objects[1][1:])) is None
+    # record() reads the Q-Former's outputs through its hook and take_loss() weighs both losses
+    maps = maps_for([[0.25] * 4] * 4)[0].expand(3, -1, -1, -1)
+    with a.record(boxes, objects):
+        a._record(None, None, (None, maps))
+        a._record_outputs(None, None, type("Out", (), {"last_hidden_state": torch.cat([outputs, outputs[:, :2]], 1)}))
+    total, parts = a.take_loss()
+    assert float(parts["owner_loss"]) == pytest.approx(expected, rel=1e-6)
+    assert float(total) == pytest.approx(float(parts["box_attention_loss"]) + 0.5 * expected, rel=1e-6)
+    with pytest.raises(ConfigError, match="owner_weight"):
+        BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="free", owner_weight=0.5)
 
 
 def test_training_adds_the_weighted_aid_loss(tiny_files, tmp_path) -> None:

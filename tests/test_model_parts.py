@@ -545,6 +545,15 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
     assert torch.equal(padded[0].reshape(4, 4, 4), t)  # padding boxes are no objects
     owners = aid.object_owners(torch.stack([a, b, torch.zeros(2, 2)])[None], torch.tensor([2]))[0]  # QxM
     assert owners.tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 0]]
+    # one object per query: c's centre (10, 14) lies in a's cell too, so c goes to the free
+    # query whose cell centre is nearest ((8, 24): 104 against (24, 8): 232); a fifth object
+    # finds no free query among 4
+    c = torch.tensor([[4.0, 8.0], [16.0, 20.0]])
+    d = torch.tensor([[0.0, 20.0], [4.0, 24.0]])
+    owners = aid.object_owners(torch.stack([a, c, b, d, a])[None], torch.tensor([5]))[0]
+    assert owners.tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0]]
+    t_c = aid.object_targets(torch.stack([a, c])[None], torch.tensor([2]), 16)[0].reshape(4, 4, 4)
+    assert torch.equal(t_c[2], aid.inside_box_mask(c[None], 16)[0].reshape(4, 4))
     in_b = torch.zeros(4, 4)
     in_b[:, 2:] = 1
     background = 1 - in_b
@@ -576,3 +585,12 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
     model(records_objects)
     aid.loss = by_hand
     assert seen[0][1].tolist() == [2, 0] and torch.equal(seen[0][0][0], with_objects["objects"][0])
+    # the owner loss (box_attention_owner_weight): logged beside the other losses and added with its weight
+    owner_model = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2,
+                                                box_attention_whole_image="objects", box_attention_owner_weight=0.5),
+                              for_training=True)
+    owner_model.train()
+    out = owner_model(with_objects)
+    assert float(out["loss"].detach()) == pytest.approx(
+        float(out["lm_loss"]) + float(out["box_attention_loss"]) + 0.5 * float(out["owner_loss"]), rel=1e-5)
+    assert "owner_loss" not in owner_model(caption)  # no objects: no owner loss

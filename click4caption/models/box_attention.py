@@ -10,9 +10,14 @@ the queries of a (near-)whole-image box may look anywhere in the image instead: 
 split large objects between queries, and the whole-image description has to count them.
 With ``whole_image="objects"`` and the training data's object boxes (``objects`` of
 :meth:`BoxAttentionAid.record`), each object of a (near-)whole-image box is seen by
-exactly one query: the query of the grid cell holding the object's centre targets the
-object's patches, a query whose cell holds no centre targets the background of its cell,
-so that counting the objects is counting the queries that see one.
+exactly one query, and each query sees at most one object: the query of the grid cell
+holding the object's centre (or, when an earlier object took it, the free query whose
+cell centre is nearest) targets the object's patches, a query owning no object targets
+the background of its cell, so that counting the objects is counting the queries that see
+one. With ``owner_weight`` > 0 the queries must also say so: the first channel of each
+query's Q-Former output is read as the logit of "I own an object" and trained with binary
+cross-entropy on those rows, so that the LLM only has to add up (no parameter is added:
+the output LayerNorm's scale and shift of that channel act as the logit's).
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -52,21 +57,28 @@ class BoxAttentionAid:
             ``"free"``: their queries target the whole image; ``"objects"``: one query per
             object where the object boxes are known (:meth:`object_targets`), else
             ``"free"``.
+        owner_weight: with ``"objects"``: factor of the owner loss (:meth:`owner_loss`);
+            0: off.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
-                 image_size: int, whole_image: str = "cells") -> None:
+                 image_size: int, whole_image: str = "cells", owner_weight: float = 0.0) -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
+        if owner_weight and (whole_image != "objects" or grid <= 0):
+            raise ConfigError("box attention: owner_weight needs whole_image 'objects' and a grid > 0")
         self.weight = weight
+        self.owner_weight = owner_weight
         self.grid = grid
         self.whole_image = whole_image
         self.num_queries = num_queries
         self.grid_size = grid_size
         self.image_size = image_size
         self._maps: list[torch.Tensor] | None = None
+        self._outputs: torch.Tensor | None = None
         self._losses: list[torch.Tensor] = []
+        self._owner_losses: list[torch.Tensor] = []
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------ hooks
@@ -75,6 +87,8 @@ class BoxAttentionAid:
         for layer in qformer.encoder.layer:
             if layer.has_cross_attention:
                 self._handles.append(layer.crossattention.attention.register_forward_hook(self._record))
+        if self.owner_weight:
+            self._handles.append(qformer.register_forward_hook(self._record_outputs))
         return self
 
     def remove(self) -> None:
@@ -86,23 +100,41 @@ class BoxAttentionAid:
         if self._maps is not None and isinstance(output, tuple) and output[1] is not None:
             self._maps.append(output[1])
 
+    def _record_outputs(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._maps is not None:
+            self._outputs = output.last_hidden_state[:, : self.num_queries]
+
     @contextmanager
     def record(self, boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> Iterator[None]:
         """Keep the maps of the Q-Former pass inside the block and add its loss for
         ``boxes`` (``Nx2x2``, one per Q-Former row); ``objects`` (``NxMx2x2`` zero-padded,
         ``N`` counts) are the boxes of every object in each row's image, where known."""
-        self._maps = []
+        self._maps, self._outputs = [], None
         try:
             yield
             if self._maps:
                 self._losses.append(self.loss(self._maps, boxes.float(), objects))
+            if self._outputs is not None and objects is not None:
+                owner = self.owner_loss(self._outputs, boxes.float(), objects)
+                if owner is not None:
+                    self._owner_losses.append(owner)
         finally:
-            self._maps = None
+            self._maps, self._outputs = None, None
 
-    def take_loss(self) -> torch.Tensor | None:
-        """The mean loss of the passes recorded since the last call (None if none was)."""
+    def take_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The passes recorded since the last call: ``(weighted total, {name: mean loss,
+        detached})`` with ``box_attention_loss`` and, where a pass had one, ``owner_loss``;
+        None if nothing was recorded."""
         losses, self._losses = self._losses, []
-        return torch.stack(losses).mean() if losses else None
+        owner, self._owner_losses = self._owner_losses, []
+        if not losses:
+            return None
+        mean = torch.stack(losses).mean()
+        total, parts = self.weight * mean, {"box_attention_loss": mean.detach()}
+        if owner:
+            mean_owner = torch.stack(owner).mean()
+            total, parts["owner_loss"] = total + self.owner_weight * mean_owner, mean_owner.detach()
+        return total, parts
 
     # ------------------------------------------------------------------ the loss
     def inside_box_mask(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -146,24 +178,44 @@ class BoxAttentionAid:
 
     def object_owners(self, objects: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Which query owns which object on whole images: ``NxMx2x2`` object boxes
-        (zero-padded) and ``N`` counts -> ``NxQxM`` 0/1, query q owning object m when the
-        centre of m lies in q's cell (``q mod g*g`` of a g x g grid over the image, row-major)."""
-        g, q, s = self.grid, self.num_queries, float(self.image_size)
-        m = objects.shape[1]
-        valid = (torch.arange(m, device=objects.device)[None] < counts[:, None]).to(objects.dtype)  # NxM
+        (zero-padded) and ``N`` counts -> ``NxQxM`` 0/1.
+
+        Objects are given out in their order: each to the free query whose cell (``q mod
+        g*g`` of a g x g grid over the image, row-major) has its centre nearest to the
+        object's centre, i.e. the query of the cell holding the object's centre unless an
+        earlier object took it. Every object gets its own query (while queries are left),
+        so the number of owners is the number of objects.
+        """
+        n, m = objects.shape[:2]
+        whole = objects.new_tensor([[[0.0, 0.0], [float(self.image_size)] * 2]])
+        cells = self.query_cells(whole)[0]  # Qx2x2
+        cell_centres = (cells[:, 0] + cells[:, 1]) / 2  # Qx2
         centres = (objects[:, :, 0] + objects[:, :, 1]) / 2  # NxMx2 (x, y)
+        dist = ((centres[:, :, None] - cell_centres[None, None]) ** 2).sum(-1)  # NxMxQ
+        g, s = self.grid, float(self.image_size)
         col = (centres[..., 0] / s * g).floor().clamp(0, g - 1)
         row = (centres[..., 1] / s * g).floor().clamp(0, g - 1)
-        cell_of_query = (torch.arange(q, device=objects.device) % (g * g)).to(objects.dtype)
-        return ((row * g + col)[:, None, :] == cell_of_query[None, :, None]).to(objects.dtype) * valid[:, None]
+        cell_of_query = (torch.arange(self.num_queries, device=objects.device) % (g * g)).to(objects.dtype)
+        holds = (row * g + col)[..., None] == cell_of_query  # NxMxQ: the cell holding the centre (on a border: below / right)
+        dist = dist.masked_fill(holds, -1.0)
+        owners = objects.new_zeros(n, self.num_queries, m)
+        taken = torch.zeros(n, self.num_queries, dtype=torch.bool, device=objects.device)
+        for k in range(m):
+            free = ~taken
+            pick = dist[:, k].masked_fill(taken, float("inf")).argmin(dim=1)  # N
+            ok = (k < counts) & free.any(dim=1)
+            rows = ok.nonzero().flatten()
+            owners[rows, pick[rows], k] = 1.0
+            taken[rows, pick[rows]] = True
+        return owners
 
     def object_targets(self, objects: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """One query per object on whole images: ``NxMx2x2`` object boxes (zero-padded)
         and ``N`` counts -> ``NxQxT`` masks.
 
-        Query q owns cell ``q mod g*g`` of a g x g grid over the image. A cell holding
-        the centre of one or more objects targets their patches (the whole objects, also
-        outside the cell); any other cell targets its background (its patches outside
+        Query q owns cell ``q mod g*g`` of a g x g grid over the image. A query owning an
+        object (:meth:`object_owners`) targets its patches (the whole object, also outside
+        the cell); any other query targets its cell's background (its patches outside
         every object), or when it has none, the image's background (or, with none, the cell).
         """
         s = float(self.image_size)
@@ -201,6 +253,25 @@ class BoxAttentionAid:
                 if len(rows):
                     mask[rows] = self.object_targets(boxes_m[rows].to(mask.dtype), counts[rows], num_tokens)
         return mask
+
+    def owner_loss(self, outputs: torch.Tensor, boxes: torch.Tensor, objects: ObjectBoxes) -> torch.Tensor | None:
+        """Binary cross-entropy of "this query owns an object" read from the first channel
+        of each query's output, over the (near-)whole-image rows whose objects are known.
+
+        Args:
+            outputs: ``NxQxD`` Q-Former outputs of the learned queries.
+            boxes: ``Nx2x2`` in model pixels.
+            objects: ``(NxMx2x2, N counts)``.
+        Returns:
+            the mean over those rows' queries, or None when the batch has no such row.
+        """
+        boxes_m, counts = objects
+        rows = (self.is_near_full(boxes) & (counts > 0)).nonzero().flatten()
+        if not len(rows):
+            return None
+        owns = self.object_owners(boxes_m[rows].float(), counts[rows]).amax(-1)  # RxQ
+        logits = outputs[rows, :, 0].float()
+        return nn.functional.binary_cross_entropy_with_logits(logits, owns)
 
     def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).

@@ -289,11 +289,11 @@ class Click4Caption(nn.Module):
 
     def _losses(self, lm_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"loss": total}`` plus the parts when a box-attention loss was added."""
-        aux = self.box_attention.take_loss() if self.box_attention is not None else None
-        if aux is None:
+        taken = self.box_attention.take_loss() if self.box_attention is not None else None
+        if taken is None:
             return {"loss": lm_loss}
-        return {"loss": lm_loss + self.box_attention.weight * aux, "lm_loss": lm_loss.detach(),
-                "box_attention_loss": aux.detach()}
+        total, parts = taken
+        return {"loss": lm_loss + total, "lm_loss": lm_loss.detach(), **parts}
 
     def _object_boxes(self, samples: dict[str, Any]) -> ObjectBoxes | None:
         """A batch's optional ``objects`` (``BxMx2x2``) and ``num_objects`` (``B``): the
