@@ -12,7 +12,10 @@ every object's box), encodes each image with a whole-image box and reports:
   (plus the query's index) and says whether its query owns an object; its accuracy on the
   other quarter, the accuracy of always answering "no", and how often the number of tokens
   it calls owners is the image's count;
-- an MLP reading all soft tokens of an image and predicting the count (2-5).
+- an MLP reading all soft tokens of an image and predicting the count (2-5);
+- the queries' own answer where the model was trained with the owner loss
+  (``box_attention_owner_weight``): the first channel of each query's Q-Former output read
+  as the "owns an object" logit, and how often the number of queries saying yes is the count.
 
 The scene layout is read from the shards, so the probe works on checkpoints of any
 whole-image target; the model sizes come from ``--config`` (default: the recipe's).
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     maps: list[torch.Tensor] = []
     hooks = [layer.crossattention.attention.register_forward_hook(lambda m, a, out: maps.append(out[1]))
              for layer in model.qformer.encoder.layer if layer.has_cross_attention]
+    outputs: list[torch.Tensor] = []
+    hooks.append(model.qformer.register_forward_hook(lambda m, a, out: outputs.append(out.last_hidden_state[:, :q])))
     tokens, counts, own, mass = [], [], [], []
     for first in range(0, len(samples), args.batch):
         chunk = samples[first:first + args.batch]
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         counts += [len(o) for o in objects]
     for h in hooks:
         h.remove()
-    tokens, mass, own = torch.cat(tokens), torch.cat(mass), torch.cat(own)
+    tokens, mass, own, channel = torch.cat(tokens), torch.cat(mass), torch.cat(own), torch.cat(outputs)[..., 0]
     y = torch.tensor(counts) - 2
     n = len(y)
     train, test = slice(0, 3 * n // 4), slice(3 * n // 4, n)
@@ -139,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  count from all soft tokens: {acc(guess[test], y[test]):.1f} % held-back images "
           f"({acc(guess[train], y[train]):.1f} % fitted ones; most common count: "
           f"{acc(y[test], y[train].mode().values):.1f} %)")
+    says = channel > 0
+    print(f"  the queries' owner channel (first output channel > 0): right for {acc(says, own):.1f} % of the "
+          f"queries; images whose count it gives: {acc(says.sum(1), own.sum(1)):.1f} % "
+          f"(meaningful for models trained with box_attention_owner_weight > 0)")
     return 0
 
 
