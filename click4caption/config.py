@@ -111,8 +111,8 @@ class ModelConfig:
     box_attention_grid: int = 0
     # with that grid: "cells" gives (near-)whole-image boxes cells too, "free" lets every
     # query of such a box look anywhere in the image, "objects" gives each object of the
-    # image to one query (the one whose cell holds its centre, or the nearest free one) where the training data
-    # lists the objects' boxes (so that the objects can be counted)
+    # image to one query (the one whose cell holds its centre, or the nearest free one)
+    # where the training data lists the objects' boxes (so that they can be counted)
     box_attention_whole_image: str = one_of("cells", ("cells", "free", "objects"),
                                             "the targets of (near-)whole-image boxes")
     # with "objects": weight of a loss that makes each query's output say whether it owns

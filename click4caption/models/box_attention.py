@@ -196,15 +196,14 @@ class BoxAttentionAid:
         col = (centres[..., 0] / s * g).floor().clamp(0, g - 1)
         row = (centres[..., 1] / s * g).floor().clamp(0, g - 1)
         cell_of_query = (torch.arange(self.num_queries, device=objects.device) % (g * g)).to(objects.dtype)
-        holds = (row * g + col)[..., None] == cell_of_query  # NxMxQ: the cell holding the centre (on a border: below / right)
+        # the cell holding the centre (on a border: the one below / right) comes first
+        holds = (row * g + col)[..., None] == cell_of_query  # NxMxQ
         dist = dist.masked_fill(holds, -1.0)
         owners = objects.new_zeros(n, self.num_queries, m)
         taken = torch.zeros(n, self.num_queries, dtype=torch.bool, device=objects.device)
         for k in range(m):
-            free = ~taken
             pick = dist[:, k].masked_fill(taken, float("inf")).argmin(dim=1)  # N
-            ok = (k < counts) & free.any(dim=1)
-            rows = ok.nonzero().flatten()
+            rows = ((k < counts) & ~taken.all(dim=1)).nonzero().flatten()
             owners[rows, pick[rows], k] = 1.0
             taken[rows, pick[rows]] = True
         return owners
