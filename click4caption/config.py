@@ -157,6 +157,9 @@ class DatasetConfig:
     held_out_ids_file: Optional[str] = None
     # LAION: window of consecutive shard samples a batch is drawn from (upstream's shuffle buffer)
     shuffle_buffer: int = 1000
+    # region instructions: records of one image put next to each other in an epoch's order, up
+    # to this many, so that a batch holds fewer distinct images (one ViT pass per image)
+    records_per_image: int = 1
 
 
 @dataclass

@@ -2,6 +2,7 @@
 broken samples, hold out ids, and mix into a step-indexed, reproducible stream."""
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -259,6 +260,66 @@ def test_region_instruct_held_out_by_id_or_image(data: dict[str, Path]) -> None:
     ds = build_region_instruct(dcfg(data["region_instruct"], held_out_ids=["1", "2_0"]), "ri", 1, S)
     kept = [(ds.ids[i], ds.images[i]) for i in range(len(ds))]
     assert all(img != "images/1.jpg" and rid != "2_0" for rid, img in kept)
+
+
+def _records(images_and_counts: list[tuple[str, int]]) -> list[dict]:
+    turns = [{"from": "human", "value": "image[IMG] What color is it?"}, {"from": "gpt", "value": "Red."}]
+    return [{"id": f"{img}_{j}", "image": img, "boxes": [[0, 0, 5, 5]], "conversations": turns}
+            for img, n in images_and_counts for j in range(n)]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_records_per_image_groups_an_images_records_in_runs(k: int) -> None:
+    """Each epoch still visits every record once; an image's records come in runs of up
+    to k (as many full runs as its record count allows), the runs in random order."""
+    from click4caption.data.region_instruct import RegionInstructDataset
+
+    counts = [(f"images/{i}.jpg", n) for i, n in enumerate([1, 2, 3, 4, 5, 6, 7, 9, 2, 5] * 3)]
+    records = _records(counts)
+    ds = RegionInstructDataset("ri", Path("."), records, None, S, 8, 1.0, records_per_image=k)
+    plain = RegionInstructDataset("ri", Path("."), records, None, S, 8, 1.0)
+    for epoch in (0, 1):
+        order = ds.epoch_order(np.random.default_rng([5, epoch]))
+        assert sorted(order.tolist()) == list(range(len(records)))
+        images = [records[i]["image"] for i in order]
+        runs = [len(list(g)) for _, g in itertools.groupby(images)]
+        per_image = Counter(images)
+        run_count = Counter(img for img, _ in itertools.groupby(images))
+        wanted = {img: -(-n // k) for img, n in per_image.items()}  # ceil(n / k) runs of <= k
+        # two runs of one image may land next to each other by chance, never more runs
+        assert all(run_count[img] <= wanted[img] for img in per_image)
+        assert sum(run_count.values()) >= 0.85 * sum(wanted.values())
+        assert max(runs) >= k and sum(r <= k for r in runs) >= 0.85 * len(runs)
+    a, b = (ds.epoch_order(np.random.default_rng([5, e])) for e in (0, 1))
+    assert a.tolist() != b.tolist()  # reshuffled per epoch
+    # records_per_image 1 is the plain permutation of before (same streams as earlier runs)
+    rng_order = np.random.default_rng([5, 0]).permutation(len(records))
+    assert plain.epoch_order(np.random.default_rng([5, 0])).tolist() == rng_order.tolist()
+    # a plain order keeps far fewer records of one image together
+    plain_runs = [len(list(g)) for _, g in itertools.groupby(
+        records[i]["image"] for i in plain.epoch_order(np.random.default_rng([5, 0])))]
+    assert len(plain_runs) > len(runs)
+
+
+def test_records_per_image_fewer_distinct_images_per_batch(data: dict[str, Path], tmp_path: Path) -> None:
+    """Grouped records share one image (and one ViT pass) per batch; the image read once
+    for a run gives the same pixels and boxes as reading it anew."""
+    root = fx.write_region_instruct(tmp_path / "ri", n_images=12, seed=3)
+    grouped = build_region_instruct(dcfg(root, records_per_image=4), "ri", batch_size=8, image_size=S)
+    plain = build_region_instruct(dcfg(root), "ri", batch_size=8, image_size=S)
+    g_batches, _ = draw(grouped, 10)
+    p_batches, _ = draw(plain, 10)
+    g_images = sum(b["image"].shape[0] for b in g_batches)
+    p_images = sum(b["image"].shape[0] for b in p_batches)
+    assert g_images < 0.6 * p_images, (g_images, p_images)
+    for i in range(len(grouped)):
+        cached = grouped.load_item(i, np.random.default_rng(0)) if grouped.images[i] == grouped.images[i - 1] else None
+        if cached is None:
+            continue
+        fresh = plain.load_item(i, np.random.default_rng(0))
+        assert torch.equal(cached["image"], fresh["image"]) and torch.equal(cached["bbox"], fresh["bbox"])
+    with pytest.raises(ConfigError, match="records_per_image must be >= 1"):
+        build_region_instruct(dcfg(root, records_per_image=0), "ri", batch_size=8, image_size=S)
 
 
 # ----------------------------------------------------------------------------- mixing

@@ -290,4 +290,5 @@ def build_laion(cfg: DatasetConfig, name: str, batch_size: int, image_size: int)
 
 
 DATASET = DatasetKind(build_laion, unused_keys={
-    "num_regions": "LAION images are captioned whole (one near-full box each)"})
+    "num_regions": "LAION images are captioned whole (one near-full box each)",
+    "records_per_image": "a region-instruction setting"})

@@ -36,7 +36,7 @@ from click4caption.boxes import scale_boxes
 from click4caption.config import DatasetConfig
 from click4caption.data.files import StringTable, check_storage, load_held_out_ids, log_filtered, read_json
 from click4caption.data.sources import (
-    NO_OBJECTS, DatasetKind, MapSource, SkipSample, box_list, build_box_safe_vis_processor, object_corners, pad_boxes,
+    NO_OBJECTS, DatasetKind, MapSource, SkipSample, at_least_one, box_list, build_box_safe_vis_processor, object_corners, pad_boxes,
     stack_images,
 )
 from click4caption.errors import DataError, InputError
@@ -90,13 +90,17 @@ class RegionInstructDataset(MapSource):
     """Region-instruction records; see the module docstring."""
 
     def __init__(self, name: str, root: Path, records: list[dict[str, Any]], vis_processor: Any, image_size: int,
-                 batch_size: int, sample_ratio: float) -> None:
+                 batch_size: int, sample_ratio: float, records_per_image: int = 1) -> None:
         if not records:
             raise DataError(f"datasets.{name}: no usable record")
         super().__init__(name, batch_size, sample_ratio, vis_processor, image_size)
         self.root = str(root)
         self.ids = StringTable(str(r.get("id", i)) for i, r in enumerate(records))
         self.images = StringTable(r["image"] for r in records)
+        self.records_per_image = at_least_one(records_per_image, name, "records_per_image")
+        # record -> its image's number (records of one image share it)
+        self.image_numbers = np.unique([r["image"] for r in records], return_inverse=True)[1].astype(np.int64)
+        self._last_image: tuple[str, Any] | None = None  # the last image read, for the next record of it
         self.box_offsets = np.cumsum([0] + [len(r["boxes"]) for r in records]).astype(np.int64)
         self.boxes = np.asarray([b for r in records for b in r["boxes"]], dtype=np.float32).reshape(-1, 4)
         # optional object boxes (records without the key: -1 objects, none given to the batch)
@@ -111,22 +115,46 @@ class RegionInstructDataset(MapSource):
         return len(self.conversations)
 
     def describe(self) -> str:
-        return f"{super().describe()} records; {len(self)} records, {len(self.boxes)} boxes"
+        grouped = f", up to {self.records_per_image} records of an image together" if self.records_per_image > 1 else ""
+        return f"{super().describe()} records; {len(self)} records, {len(self.boxes)} boxes{grouped}"
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """A permutation of the records in which the records of one image come in runs of
+        up to ``records_per_image`` (drawn at random among the image's records); the runs
+        are in random order. With 1, a plain permutation. With several ranks each takes
+        every ``world_size``-th entry, so the runs are only kept together on one rank."""
+        shuffled = rng.permutation(len(self))
+        k = self.records_per_image
+        if k == 1:
+            return shuffled
+        by_image = shuffled[np.argsort(self.image_numbers[shuffled], kind="stable")]
+        image = self.image_numbers[by_image]
+        first = np.r_[True, image[1:] != image[:-1]]  # each image's first record in by_image
+        starts = np.flatnonzero(first)
+        within = np.arange(len(by_image)) - np.repeat(starts, np.diff(np.r_[starts, len(by_image)]))
+        run = np.cumsum(within % k == 0) - 1  # run number of every record
+        run_rank = rng.permutation(int(run[-1]) + 1)
+        return by_image[np.lexsort((within, run_rank[run]))]
 
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         """Item: ``image`` ``3xSxS``, ``bbox`` ``Kx2x2`` (model pixels), ``conversations``."""
-        try:
-            image = load_image(Path(self.root) / self.images[index], exif_transpose=False)
-        except InputError as err:
-            raise SkipSample("unreadable_image", str(err)) from None
-        img_w, img_h = image.size
+        path = self.images[index]
+        if self._last_image is not None and self._last_image[0] == path:  # the transform is resize-only
+            (img_w, img_h), pixels = self._last_image[1]
+        else:
+            try:
+                image = load_image(Path(self.root) / path, exif_transpose=False)
+            except InputError as err:
+                raise SkipSample("unreadable_image", str(err)) from None
+            (img_w, img_h), pixels = image.size, self.vis_processor(image)
+            self._last_image = (path, ((img_w, img_h), pixels))
         boxes = self.boxes[self.box_offsets[index]:self.box_offsets[index + 1]].copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, img_w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, img_h)
         if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
             raise SkipSample("bad_box", f"record {self.ids[index]}: box outside the {img_w}x{img_h} image")
         corners = torch.from_numpy(scale_boxes(boxes, img_w, img_h, self.image_size).astype(np.float32))
-        item = {"image": self.vis_processor(image), "bbox": corners, "conversations": self.conversations[index],
+        item = {"image": pixels, "bbox": corners, "conversations": self.conversations[index],
                 "image_key": self.images[index]}
         if self.object_counts[index] >= 0:
             objects = self.objects[self.object_offsets[index]:self.object_offsets[index + 1]]
@@ -183,7 +211,8 @@ def build_region_instruct(cfg: DatasetConfig, name: str, batch_size: int, image_
         else:
             records.append(rec)
     log_filtered(name, len(records), len(raw), "records", dropped)
-    return RegionInstructDataset(name, path.parent, records, vis_processor, size, batch_size, cfg.sample_ratio)
+    return RegionInstructDataset(name, path.parent, records, vis_processor, size, batch_size, cfg.sample_ratio,
+                                 cfg.records_per_image)
 
 
 DATASET = DatasetKind(build_region_instruct, unused_keys={

@@ -121,9 +121,13 @@ class MapSource(BatchSource):
         cached = self._perm_cache
         if cached is not None and cached[0] == epoch:
             return cached[1]
-        perm = np.random.default_rng([seed, _stable_id(self.name), epoch]).permutation(len(self))
+        perm = self.epoch_order(np.random.default_rng([seed, _stable_id(self.name), epoch]))
         self._perm_cache = (epoch, perm)
         return perm
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's order of all item indices (a permutation), drawn from ``rng``."""
+        return rng.permutation(len(self))
 
     def index_at(self, position: int, rank: int, world_size: int, seed: int) -> int:
         """Item index at ``position`` of rank ``rank``'s stream."""

@@ -113,4 +113,5 @@ def build_textocr(cfg: DatasetConfig, name: str, batch_size: int, image_size: in
 
 
 DATASET = DatasetKind(build_textocr, unused_keys={"text_processor": "words are used as written, as upstream",
-                                                  "shuffle_buffer": "a LAION setting"})
+                                                  "shuffle_buffer": "a LAION setting",
+                                                  "records_per_image": "a region-instruction setting"})

@@ -135,4 +135,4 @@ def build_visual_genome(cfg: DatasetConfig, name: str, batch_size: int, image_si
 
 DATASET = DatasetKind(build_visual_genome, unused_keys={
     "text_processor": "phrases are capitalised and end with '.', upstream's VG rule",
-    "shuffle_buffer": "a LAION setting"})
+    "shuffle_buffer": "a LAION setting", "records_per_image": "a region-instruction setting"})
