@@ -36,8 +36,8 @@ from click4caption.boxes import scale_boxes
 from click4caption.config import DatasetConfig
 from click4caption.data.files import StringTable, check_storage, load_held_out_ids, log_filtered, read_json
 from click4caption.data.sources import (
-    NO_OBJECTS, DatasetKind, MapSource, SkipSample, at_least_one, box_list, build_box_safe_vis_processor, object_corners, pad_boxes,
-    stack_images,
+    NO_OBJECTS, DatasetKind, MapSource, SkipSample, at_least_one, box_list, build_box_safe_vis_processor,
+    object_corners, pad_boxes, stack_images,
 )
 from click4caption.errors import DataError, InputError
 from click4caption.prompts import GPT_ROLES, HUMAN_ROLES, IMG_TOKEN
