@@ -13,7 +13,7 @@ import torch
 
 from click4caption.config import DatasetConfig, from_dict
 from click4caption.data import MixedBatches, build_sources, make_loader, split_meta
-from click4caption.data.sources import BatchPosition, MapSource
+from click4caption.data.sources import BatchPosition, MapSource, SkipSample
 from click4caption.errors import DataError
 from click4caption.data.laion import build_laion, expand_shards, index_shard
 from click4caption.data.region_instruct import build_region_instruct
@@ -301,7 +301,7 @@ def test_records_per_image_groups_an_images_records_in_runs(k: int) -> None:
     assert len(plain_runs) > len(runs)
 
 
-def test_records_per_image_fewer_distinct_images_per_batch(data: dict[str, Path], tmp_path: Path) -> None:
+def test_records_per_image_fewer_distinct_images_per_batch(tmp_path: Path) -> None:
     """Grouped records share one image (and one ViT pass) per batch; the image read once
     for a run gives the same pixels and boxes as reading it anew."""
     root = fx.write_region_instruct(tmp_path / "ri", n_images=12, seed=3)
@@ -312,12 +312,19 @@ def test_records_per_image_fewer_distinct_images_per_batch(data: dict[str, Path]
     g_images = sum(b["image"].shape[0] for b in g_batches)
     p_images = sum(b["image"].shape[0] for b in p_batches)
     assert g_images < 0.6 * p_images, (g_images, p_images)
-    for i in range(len(grouped)):
-        cached = grouped.load_item(i, np.random.default_rng(0)) if grouped.images[i] == grouped.images[i - 1] else None
-        if cached is None:
+    hits = 0
+    for i in range(1, len(grouped)):
+        if grouped.images[i] != grouped.images[i - 1]:
             continue
-        fresh = plain.load_item(i, np.random.default_rng(0))
+        try:
+            before = grouped.load_item(i - 1, np.random.default_rng(0))
+            cached = grouped.load_item(i, np.random.default_rng(0))  # the same image: not read again
+            fresh = plain.load_item(i, np.random.default_rng(0))
+        except SkipSample:  # the fixture's broken records
+            continue
+        hits += cached["image"] is before["image"]
         assert torch.equal(cached["image"], fresh["image"]) and torch.equal(cached["bbox"], fresh["bbox"])
+    assert hits >= 5
     with pytest.raises(ConfigError, match="records_per_image must be >= 1"):
         build_region_instruct(dcfg(root, records_per_image=0), "ri", batch_size=8, image_size=S)
 
