@@ -118,6 +118,9 @@ class ModelConfig:
     # with "objects": weight of a loss that makes each query's output say whether it owns
     # an object (its first channel read as the logit), so that counting is adding up
     box_attention_owner_weight: float = 0.0
+    # with "objects": pull whole-image queries onto their objects in the last n Q-Former
+    # cross-attention layers only, the earlier ones letting them look anywhere (0 = all)
+    box_attention_object_layers: int = 0
 
 
 @dataclass

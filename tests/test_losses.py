@@ -104,6 +104,48 @@ def test_owner_loss_reads_the_first_channel_of_whole_image_rows() -> None:
         BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="free", owner_weight=0.5)
 
 
+def test_object_layers_pull_whole_image_queries_onto_objects_in_the_last_layers_only() -> None:
+    """box_attention_object_layers n: the earlier cross-attention layers let a whole-image
+    row's queries look anywhere (no loss), region rows keep their cells in every layer."""
+    # a 2x2 patch grid over a 64-pixel image (the 4-pixel one of aid() is near-full everywhere)
+    whole, region = [[0.0, 0.0], [64.0, 64.0]], [[0.0, 0.0], [32.0, 32.0]]
+    boxes = torch.tensor([whole, region])
+    # one object over the top row (patches 0 and 1), centre (32, 16): cell 1 holds it
+    objects = (torch.tensor([[[[0.0, 0.0], [64.0, 32.0]]]] * 2), torch.tensor([1, 1]))
+    rows = [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]]
+    corners = [[1.0, 0.0, 0.0, 0.0]] * 2
+    layer0 = torch.tensor([rows + corners] * 2)[:, None]  # 2 boxes x 1 head x (4+2) x 4
+    layer1 = torch.tensor([rows[::-1] + corners] * 2)[:, None]
+    # whole image: query 1 owns the object (patches 0, 1); query 0's cell is all object, so it
+    # targets the image's background (2, 3); queries 2, 3 their cells' background; the
+    # region box's cells hold no patch centre: the nearest patch, 0, for every query
+    object_targets, region_targets = [[2, 3], [0, 1], [2], [3]], [[0]] * 4
+
+    def mean_minus_log(rws: list[list[float]], targets: list[list[int]]) -> float:
+        return sum(-math.log(sum(r[t] for t in ts)) for r, ts in zip(rws, targets)) / 4
+
+    def expected(first_layer_objects: bool) -> float:
+        per_layer = []
+        for i, rws in enumerate([rows, rows[::-1]]):
+            w = mean_minus_log(rws, object_targets) if (i == 1 or first_layer_objects) else 0.0
+            per_layer.append((w + mean_minus_log(rws, region_targets)) / 2)
+        return sum(per_layer) / 2
+
+    def make(layers: int) -> BoxAttentionAid:
+        return BoxAttentionAid(weight=1.0, grid=2, num_queries=4, grid_size=(2, 2), image_size=64,
+                               whole_image="objects", object_layers=layers)
+
+    every, last = make(0).loss([layer0, layer1], boxes, objects), make(1).loss([layer0, layer1], boxes, objects)
+    assert float(every) == pytest.approx(expected(True), rel=1e-6)
+    assert float(last) == pytest.approx(expected(False), rel=1e-6)
+    assert float(last) < float(every)
+    # n >= the number of layers: every layer, as 0
+    assert float(make(2).loss([layer0, layer1], boxes, objects)) == pytest.approx(expected(True), rel=1e-6)
+    for bad in (dict(whole_image="free", object_layers=1), dict(whole_image="objects", object_layers=-1)):
+        with pytest.raises(ConfigError, match="object_layers"):
+            BoxAttentionAid(1.0, 2, 4, (2, 2), 64, **bad)
+
+
 def test_training_adds_the_weighted_aid_loss(tiny_files, tmp_path) -> None:
     from tests.tiny import tiny_model_config
     from click4caption.models.builder import build_model

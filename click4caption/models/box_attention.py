@@ -14,7 +14,9 @@ exactly one query, and each query sees at most one object: the query of the grid
 holding the object's centre (or, when an earlier object took it, the free query whose
 cell centre is nearest) targets the object's patches, a query owning no object targets
 the background of its cell, so that counting the objects is counting the queries that see
-one. With ``owner_weight`` > 0 the queries must also say so: the first channel of each
+one (with ``object_layers`` n > 0 in the last n cross-attention layers only, the earlier
+ones letting those queries look anywhere, so that they can first gather where the objects
+lie: a first layer's queries read no image yet). With ``owner_weight`` > 0 the queries must also say so: the first channel of each
 query's Q-Former output is read as the logit of "I own an object" and trained with binary
 cross-entropy on those rows, so that the LLM only has to add up (no parameter is added:
 the output LayerNorm's scale and shift of that channel act as the logit's).
@@ -59,15 +61,22 @@ class BoxAttentionAid:
             ``"free"``.
         owner_weight: with ``"objects"``: factor of the owner loss (:meth:`owner_loss`);
             0: off.
+        object_layers: with ``"objects"``: n > 0 pulls whole-image queries onto objects
+            in the last n cross-attention layers only (earlier ones: anywhere); 0: in all.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
-                 image_size: int, whole_image: str = "cells", owner_weight: float = 0.0) -> None:
+                 image_size: int, whole_image: str = "cells", owner_weight: float = 0.0,
+                 object_layers: int = 0) -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
         if owner_weight and (whole_image != "objects" or grid <= 0):
             raise ConfigError("box attention: owner_weight needs whole_image 'objects' and a grid > 0")
+        if object_layers < 0 or (object_layers and (whole_image != "objects" or grid <= 0)):
+            raise ConfigError("box attention: object_layers must be >= 0 and needs whole_image 'objects' "
+                              f"and a grid > 0, got {object_layers}")
+        self.object_layers = object_layers
         self.weight = weight
         self.owner_weight = owner_weight
         self.grid = grid
@@ -280,7 +289,12 @@ class BoxAttentionAid:
             boxes: ``Nx2x2`` in model pixels.
             objects: ``(NxMx2x2, N counts)`` object boxes of each row's image, or None.
         """
-        n, q = boxes.shape[0], self.num_queries
-        mask = self.targets(boxes, maps[0].shape[-1], objects).reshape(n, 1, q, -1)
-        losses = [-(m[:, :, :q] * mask).sum(-1).clamp_min(1e-6).log().mean() for m in maps]
+        n, q, t = boxes.shape[0], self.num_queries, maps[0].shape[-1]
+        mask = self.targets(boxes, t, objects).reshape(n, 1, q, -1)
+        early = mask  # layers before the last object_layers: whole-image queries look anywhere
+        if self.object_layers and objects is not None:
+            early = self.targets(boxes, t, None).reshape(n, 1, q, -1)
+        first_object_layer = len(maps) - self.object_layers if self.object_layers else 0
+        losses = [-(m[:, :, :q] * (mask if i >= first_object_layer else early)).sum(-1).clamp_min(1e-6).log().mean()
+                  for i, m in enumerate(maps)]
         return torch.stack(losses).mean()
