@@ -121,6 +121,10 @@ class ModelConfig:
     # with "objects": pull whole-image queries onto their objects in the last n Q-Former
     # cross-attention layers only, the earlier ones letting them look anywhere (0 = all)
     box_attention_object_layers: int = 0
+    # with "objects": weight of a loss that makes the queries' owner answers (see
+    # box_attention_owner_weight) add up to the object count, so that an object near a cell
+    # border is claimed once (0 = off)
+    box_attention_owner_count_weight: float = 0.0
 
 
 @dataclass

@@ -104,6 +104,39 @@ def test_owner_loss_reads_the_first_channel_of_whole_image_rows() -> None:
         BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="free", owner_weight=0.5)
 
 
+def test_owner_count_loss_makes_the_owner_answers_add_up_to_the_count() -> None:
+    """(sum of sigmoid(channel 0) over the queries - owned objects)^2 on near-full rows with
+    known objects; take_loss adds it with its own weight, beside (or without) the owner loss."""
+    a = BoxAttentionAid(weight=1.0, grid=2, num_queries=4, grid_size=(2, 2), image_size=32,
+                        whole_image="objects", owner_count_weight=0.25)
+    whole, corner = [[0.0, 0.0], [32.0, 32.0]], [[0.0, 0.0], [16.0, 16.0]]
+    boxes = torch.tensor([whole, whole, corner])
+    two = [[[20.0, 4.0], [28.0, 12.0]], [[2.0, 18.0], [10.0, 26.0]]]  # cells 1 and 2
+    objects = (torch.tensor([two, [two[0], [[0.0, 0.0], [0.0, 0.0]]], two]), torch.tensor([2, 1, 2]))
+    logits = torch.tensor([[0.0, 2.0, 1.0, -3.0], [1.0, 1.0, -1.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    outputs = torch.zeros(3, 4, 3)
+    outputs[:, :, 0] = logits
+    outputs[:, :, 1:] = 7.0  # not read
+
+    def sig(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    said = [sum(sig(float(x)) for x in row) for row in logits[:2]]
+    expected = ((said[0] - 2) ** 2 + (said[1] - 1) ** 2) / 2  # the region row is not counted
+    assert float(a.owner_count_loss(outputs, boxes, objects)) == pytest.approx(expected, rel=1e-6)
+    assert a.owner_count_loss(outputs[2:], boxes[2:], (objects[0][2:], objects[1][2:])) is None
+    maps = maps_for([[0.25] * 4] * 4)[0].expand(3, -1, -1, -1)
+    with a.record(boxes, objects):
+        a._record(None, None, (None, maps))
+        a._record_outputs(None, None, type("Out", (), {"last_hidden_state": torch.cat([outputs, outputs[:, :2]], 1)}))
+    total, parts = a.take_loss()
+    assert set(parts) == {"box_attention_loss", "owner_count_loss"}
+    assert float(parts["owner_count_loss"]) == pytest.approx(expected, rel=1e-6)
+    assert float(total) == pytest.approx(float(parts["box_attention_loss"]) + 0.25 * expected, rel=1e-6)
+    with pytest.raises(ConfigError, match="owner_count_weight"):
+        BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="cells", owner_count_weight=0.5)
+
+
 def test_object_layers_pull_whole_image_queries_onto_objects_in_the_last_layers_only() -> None:
     """box_attention_object_layers n: the earlier cross-attention layers let a whole-image
     row's queries look anywhere (no loss), region rows keep their cells in every layer."""

@@ -587,10 +587,12 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
     assert seen[0][1].tolist() == [2, 0] and torch.equal(seen[0][0][0], with_objects["objects"][0])
     # the owner loss (box_attention_owner_weight): logged beside the other losses and added with its weight
     owner_model = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2,
-                                                box_attention_whole_image="objects", box_attention_owner_weight=0.5),
+                                                box_attention_whole_image="objects", box_attention_owner_weight=0.5,
+                                                box_attention_owner_count_weight=0.25),
                               for_training=True)
     owner_model.train()
     out = owner_model(with_objects)
     assert float(out["loss"].detach()) == pytest.approx(
-        float(out["lm_loss"]) + float(out["box_attention_loss"]) + 0.5 * float(out["owner_loss"]), rel=1e-5)
+        float(out["lm_loss"]) + float(out["box_attention_loss"]) + 0.5 * float(out["owner_loss"])
+        + 0.25 * float(out["owner_count_loss"]), rel=1e-5)
     assert "owner_loss" not in owner_model(caption)  # no objects: no owner loss

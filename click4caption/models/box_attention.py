@@ -19,7 +19,11 @@ ones letting those queries look anywhere, so that they can first gather where th
 lie: a first layer's queries read no image yet). With ``owner_weight`` > 0 the queries must also say so: the first channel of each
 query's Q-Former output is read as the logit of "I own an object" and trained with binary
 cross-entropy on those rows, so that the LLM only has to add up (no parameter is added:
-the output LayerNorm's scale and shift of that channel act as the logit's).
+the output LayerNorm's scale and shift of that channel act as the logit's). With
+``owner_count_weight`` > 0 the queries' answers must also add up to the count: the squared
+difference between the sum of their probabilities and the number of owned objects, so
+that an object whose centre lies near a cell border is claimed once over the neighbouring
+queries, not by both or by neither.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -63,22 +67,27 @@ class BoxAttentionAid:
             0: off.
         object_layers: with ``"objects"``: n > 0 pulls whole-image queries onto objects
             in the last n cross-attention layers only (earlier ones: anywhere); 0: in all.
+        owner_count_weight: with ``"objects"``: factor of the owner count loss
+            (:meth:`owner_count_loss`); 0: off.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
                  image_size: int, whole_image: str = "cells", owner_weight: float = 0.0,
-                 object_layers: int = 0) -> None:
+                 object_layers: int = 0, owner_count_weight: float = 0.0) -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
-        if owner_weight and (whole_image != "objects" or grid <= 0):
-            raise ConfigError("box attention: owner_weight needs whole_image 'objects' and a grid > 0")
+        for name, value in (("owner_weight", owner_weight), ("owner_count_weight", owner_count_weight)):
+            if value < 0 or (value and (whole_image != "objects" or grid <= 0)):
+                raise ConfigError(f"box attention: {name} must be >= 0 and needs whole_image 'objects' "
+                                  f"and a grid > 0, got {value}")
         if object_layers < 0 or (object_layers and (whole_image != "objects" or grid <= 0)):
             raise ConfigError("box attention: object_layers must be >= 0 and needs whole_image 'objects' "
                               f"and a grid > 0, got {object_layers}")
         self.object_layers = object_layers
         self.weight = weight
         self.owner_weight = owner_weight
+        self.owner_count_weight = owner_count_weight
         self.grid = grid
         self.whole_image = whole_image
         self.num_queries = num_queries
@@ -88,6 +97,7 @@ class BoxAttentionAid:
         self._outputs: torch.Tensor | None = None
         self._losses: list[torch.Tensor] = []
         self._owner_losses: list[torch.Tensor] = []
+        self._count_losses: list[torch.Tensor] = []
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------ hooks
@@ -96,7 +106,7 @@ class BoxAttentionAid:
         for layer in qformer.encoder.layer:
             if layer.has_cross_attention:
                 self._handles.append(layer.crossattention.attention.register_forward_hook(self._record))
-        if self.owner_weight:
+        if self.owner_weight or self.owner_count_weight:
             self._handles.append(qformer.register_forward_hook(self._record_outputs))
         return self
 
@@ -124,25 +134,33 @@ class BoxAttentionAid:
             if self._maps:
                 self._losses.append(self.loss(self._maps, boxes.float(), objects))
             if self._outputs is not None and objects is not None:
-                owner = self.owner_loss(self._outputs, boxes.float(), objects)
-                if owner is not None:
-                    self._owner_losses.append(owner)
+                if self.owner_weight:
+                    owner = self.owner_loss(self._outputs, boxes.float(), objects)
+                    if owner is not None:
+                        self._owner_losses.append(owner)
+                if self.owner_count_weight:
+                    count = self.owner_count_loss(self._outputs, boxes.float(), objects)
+                    if count is not None:
+                        self._count_losses.append(count)
         finally:
             self._maps, self._outputs = None, None
 
     def take_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """The passes recorded since the last call: ``(weighted total, {name: mean loss,
-        detached})`` with ``box_attention_loss`` and, where a pass had one, ``owner_loss``;
-        None if nothing was recorded."""
+        detached})`` with ``box_attention_loss`` and, where a pass had them, ``owner_loss``
+        and ``owner_count_loss``; None if nothing was recorded."""
         losses, self._losses = self._losses, []
         owner, self._owner_losses = self._owner_losses, []
+        count, self._count_losses = self._count_losses, []
         if not losses:
             return None
         mean = torch.stack(losses).mean()
         total, parts = self.weight * mean, {"box_attention_loss": mean.detach()}
-        if owner:
-            mean_owner = torch.stack(owner).mean()
-            total, parts["owner_loss"] = total + self.owner_weight * mean_owner, mean_owner.detach()
+        for name, weight, values in (("owner_loss", self.owner_weight, owner),
+                                     ("owner_count_loss", self.owner_count_weight, count)):
+            if values:
+                part = torch.stack(values).mean()
+                total, parts[name] = total + weight * part, part.detach()
         return total, parts
 
     # ------------------------------------------------------------------ the loss
@@ -280,6 +298,22 @@ class BoxAttentionAid:
         owns = self.object_owners(boxes_m[rows].float(), counts[rows]).amax(-1)  # RxQ
         logits = outputs[rows, :, 0].float()
         return nn.functional.binary_cross_entropy_with_logits(logits, owns)
+
+    def owner_count_loss(self, outputs: torch.Tensor, boxes: torch.Tensor,
+                         objects: ObjectBoxes) -> torch.Tensor | None:
+        """Squared difference between the number of owned objects and the sum of the
+        queries' "owns an object" probabilities (sigmoid of the first output channel), over
+        the (near-)whole-image rows whose objects are known.
+
+        Args and return as :meth:`owner_loss`.
+        """
+        boxes_m, counts = objects
+        rows = (self.is_near_full(boxes) & (counts > 0)).nonzero().flatten()
+        if not len(rows):
+            return None
+        owned = self.object_owners(boxes_m[rows].float(), counts[rows]).amax(-1).sum(-1)  # R
+        said = outputs[rows, :, 0].float().sigmoid().sum(-1)  # R
+        return ((said - owned) ** 2).mean()
 
     def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).
