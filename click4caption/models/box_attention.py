@@ -16,14 +16,14 @@ cell centre is nearest) targets the object's patches, a query owning no object t
 the background of its cell, so that counting the objects is counting the queries that see
 one (with ``object_layers`` n > 0 in the last n cross-attention layers only, the earlier
 ones letting those queries look anywhere, so that they can first gather where the objects
-lie: a first layer's queries read no image yet). With ``owner_weight`` > 0 the queries must also say so: the first channel of each
-query's Q-Former output is read as the logit of "I own an object" and trained with binary
-cross-entropy on those rows, so that the LLM only has to add up (no parameter is added:
-the output LayerNorm's scale and shift of that channel act as the logit's). With
-``owner_count_weight`` > 0 the queries' answers must also add up to the count: the squared
-difference between the sum of their probabilities and the number of owned objects, so
-that an object whose centre lies near a cell border is claimed once over the neighbouring
-queries, not by both or by neither.
+lie: a first layer's queries read no image yet). With ``owner_weight`` > 0 the queries
+must also say so: the first channel of each query's Q-Former output is read as the logit
+of "I own an object" and trained with binary cross-entropy on those rows, so that the LLM
+only has to add up (no parameter is added: the output LayerNorm's scale and shift of that
+channel act as the logit's). With ``owner_count_weight`` > 0 the queries' answers must
+also add up to the count: the squared difference between the sum of their probabilities
+and the number of owned objects, so that an object whose centre lies near a cell border is
+claimed once over the neighbouring queries, not by both or by neither.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
