@@ -291,13 +291,11 @@ class BoxAttentionAid:
         Returns:
             the mean over those rows' queries, or None when the batch has no such row.
         """
-        boxes_m, counts = objects
-        rows = (self.is_near_full(boxes) & (counts > 0)).nonzero().flatten()
-        if not len(rows):
+        owned = self._whole_image_owners(boxes, objects)
+        if owned is None:
             return None
-        owns = self.object_owners(boxes_m[rows].float(), counts[rows]).amax(-1)  # RxQ
-        logits = outputs[rows, :, 0].float()
-        return nn.functional.binary_cross_entropy_with_logits(logits, owns)
+        rows, owns = owned
+        return nn.functional.binary_cross_entropy_with_logits(outputs[rows, :, 0].float(), owns)
 
     def owner_count_loss(self, outputs: torch.Tensor, boxes: torch.Tensor,
                          objects: ObjectBoxes) -> torch.Tensor | None:
@@ -307,13 +305,22 @@ class BoxAttentionAid:
 
         Args and return as :meth:`owner_loss`.
         """
+        owned = self._whole_image_owners(boxes, objects)
+        if owned is None:
+            return None
+        rows, owns = owned
+        said = outputs[rows, :, 0].float().sigmoid().sum(-1)  # R
+        return ((said - owns.sum(-1)) ** 2).mean()
+
+    def _whole_image_owners(self, boxes: torch.Tensor,
+                            objects: ObjectBoxes) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (near-)whole-image rows with known objects and which of their queries owns
+        one: ``(R row indices, RxQ 0/1)``, or None when there is no such row."""
         boxes_m, counts = objects
         rows = (self.is_near_full(boxes) & (counts > 0)).nonzero().flatten()
         if not len(rows):
             return None
-        owned = self.object_owners(boxes_m[rows].float(), counts[rows]).amax(-1).sum(-1)  # R
-        said = outputs[rows, :, 0].float().sigmoid().sum(-1)  # R
-        return ((said - owned) ** 2).mean()
+        return rows, self.object_owners(boxes_m[rows].float(), counts[rows]).amax(-1)
 
     def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).
