@@ -185,6 +185,10 @@ class RunConfig:
     max_epoch: int = 30
     iters_per_epoch: int = 10000
     accum_grad_iters: int = 1
+    # seconds of training this run may take (null: no limit): the iterations are refitted to
+    # the measured rate at every log line, at most max_epoch * iters_per_epoch, and the
+    # cosine runs over the fitted length (click4caption/training/budget.py)
+    time_budget_s: Optional[float] = None
     grad_clip: Optional[float] = None
     batch_size_train: int = 1
     batch_size_eval: int = upstream_only(12, "there is no evaluation during training (evaluate.py scores models)")

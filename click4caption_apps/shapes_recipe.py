@@ -61,6 +61,13 @@ VARIETY = 0.5
 # model fields that must agree between the training and the eval config
 SIZE_KEYS = ("vit", "image_size", "use_vit_multiblock_feat", "delete_vit_cls_token", "add_img_pe", "qformer",
              "num_query_token", "end_sym")
+# the whole recipe's wall-clock budget (issue 11): training gets what data, export and the
+# evaluation leave, and fits its iterations to the rate it measures (run.time_budget_s)
+BUDGET_MIN = 60.0
+# seconds kept for export and evaluation: a fixed part plus a share per scored scene (the
+# training generator's scenes also get two follow-up conversations each)
+EVAL_RESERVE_S = 30.0
+EVAL_RESERVE_S_PER_SCENE = 0.4
 # the shapes LLM (trained from scratch with the rest)
 LLM_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512)
@@ -96,6 +103,15 @@ def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
             "bytes": (model_dir / CKPT_NAME).stat().st_size + sum(f.stat().st_size for f in llm_dir.iterdir())}
 
 
+def iterations_text(report: dict) -> str:
+    """``15,000 iterations`` or, when the budget cut the run, ``14,210 of 15,000 iterations
+    (the 60-minute budget)``."""
+    done, configured = report["iterations"], report.get("iterations_configured", report["iterations"])
+    if done >= configured:
+        return f"{done:,} iterations"
+    return f"{done:,} of {configured:,} iterations (the {report['budget_min']:g}-minute budget)"
+
+
 REPORT_RUNS_MARKER = "<!-- runs: kept when the recipe rewrites this file -->"
 
 
@@ -108,7 +124,7 @@ def write_report_md(path: Path, report: dict, device: torch.device) -> None:
     lines = [
         "# Shipped shapes model", "",
         f"Rebuilt with `python -m click4caption_apps.shapes_recipe` (`make shapes-model`) on {device} "
-        f"({report['cpu_threads']} torch threads), {report['iterations']:,} iterations: data {t['data_s']:.0f} s, "
+        f"({report['cpu_threads']} torch threads), {iterations_text(report)}: data {t['data_s']:.0f} s, "
         f"training {t['train_s']:.0f} s, export {t['export_s']:.0f} s, evaluation "
         f"{sum(v for k, v in t.items() if k.startswith('eval_')):.0f} s; total {t['total_s'] / 60:.1f} min "
         f"(load average at the end {', '.join(str(v) for v in report['load_average_at_end'])}).", "",
@@ -128,6 +144,27 @@ def write_report_md(path: Path, report: dict, device: torch.device) -> None:
     path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
 
+def trained_iterations(checkpoint: Path) -> int:
+    """Iterations the exported checkpoint was trained for."""
+    from click4caption.training.checkpointing import load_checkpoint
+
+    return int(load_checkpoint(checkpoint)["iteration"])
+
+
+def training_budget_s(args: argparse.Namespace, spent_s: float) -> float:
+    """Seconds of training left in ``args.budget_min`` after ``spent_s`` and the reserve
+    for export and evaluation (at least a minute: a run of no iteration exports nothing)."""
+    reserve = EVAL_RESERVE_S + EVAL_RESERVE_S_PER_SCENE * (args.eval_scenes + args.heldout_scenes)
+    left = args.budget_min * 60.0 - spent_s - reserve
+    if left < 60.0:
+        logger.warning("only %.0f s of the %.0f-minute budget are left for training: training for a minute",
+                       left, args.budget_min)
+        return 60.0
+    logger.info("budget: %.0f s for training (%.0f min in all, %.0f s spent, %.0f s kept for export and evaluation)",
+                left, args.budget_min, spent_s, reserve)
+    return left
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Rebuild the shipped shapes model from scratch.")
     p.add_argument("--data", default=DATA_DIR, help="where the training data is written")
@@ -138,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-scenes", type=int, default=200, help="fresh scenes of the training generator to score")
     p.add_argument("--heldout-scenes", type=int, default=200,
                    help="scenes of the held-out generator (click4caption/shapes/heldout.py) to score; 0: none")
+    p.add_argument("--budget-min", type=float, default=BUDGET_MIN,
+                   help="minutes the whole recipe may take; training stops early (fewer iterations, the cosine "
+                        "fitted to them) where the machine is too slow for all of them; 0: no budget")
     p.add_argument("--skip-train", action="store_true", help="export and evaluate the last checkpoint only")
     p.add_argument("--llm-layers", type=int, default=None, help="LLM depth (default: the recipe's LLM_SIZES)")
     p.add_argument("--verbose", action="store_true")
@@ -153,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     data, model_dir = (root / args.data).resolve(), (root / args.model_dir).resolve()
     device = pick_device(args.device)
     timings: dict[str, float] = {}
+    started = time.time()
 
     t = time.time()
     params = {"num_images": NUM_IMAGES, "seed": DATA_SEED, "mix": dataclasses.asdict(INSTRUCT_MIX),
@@ -174,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                f"datasets.region_instruct.build_info.storage={data / 'region_instruct' / 'instruct.json'}",
                f"run.device={device.type}", "run.resume_ckpt_path=auto", *(args.options or [])]
     cfg = load_config(root / TRAIN_CONFIG, options)
+    if args.budget_min > 0 and "run.time_budget_s" not in cfg.given:
+        cfg.run.time_budget_s = training_budget_s(args, time.time() - started)
     t = time.time()
     result = None
     if not args.skip_train:
@@ -219,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(timings.values())
     report = {
         "timings_s": {**{k: round(v, 1) for k, v in timings.items()}, "total_s": round(total, 1)},
-        "iterations": cfg.run.max_epoch * cfg.run.iters_per_epoch,
+        "iterations": trained_iterations(last),
+        "iterations_configured": cfg.run.max_epoch * cfg.run.iters_per_epoch,
+        "budget_min": args.budget_min,
         "device": str(device), "cpu_threads": torch.get_num_threads(), "machine": platform.platform(),
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         **sizes, "evaluations": tables,

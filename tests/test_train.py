@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from click4caption.config import from_dict, load_config
-from click4caption.errors import Click4CaptionError
+from click4caption.errors import Click4CaptionError, ConfigError
 from click4caption.training import checkpointing as ckpt_io
 from click4caption.training.loop import Trainer, run_training
-from click4caption.training.optim import lr_at, param_groups
+from click4caption.training.budget import fit_total
+from click4caption.training.optim import check_schedule, lr_at, param_groups
 from tests.fixtures_train import tiny_train_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +198,76 @@ def test_frozen_parts_do_not_change_and_are_not_optimised(setup_dir: Path) -> No
     params = set(before)
     assert saved & params == trainable  # only trainable parameters ...
     assert "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in saved  # ... plus buffers
+
+
+def test_fit_total_keeps_what_fits_and_never_goes_back() -> None:
+    # 100 done, 2 it/s, 50 s left, 1 % kept in hand: int(2 * 50 * 0.99) = 99 more
+    assert fit_total(100, 1000, 2.0, 50.0, safety=0.01) == 199
+    assert fit_total(100, 150, 2.0, 50.0, safety=0.01) == 150  # the configured length fits
+    assert fit_total(100, 1000, 2.0, -5.0) == 100  # out of time: stop where it is
+    assert fit_total(100, 1000, 0.0, 50.0) == 1000  # no rate yet: nothing to fit
+    run = load_config(SHIPPED, ["run.time_budget_s=0"]).run
+    with pytest.raises(ConfigError, match="run.time_budget_s must be > 0"):
+        check_schedule(run)
+
+
+def test_the_recipe_gives_training_what_its_budget_leaves() -> None:
+    from click4caption_apps import shapes_recipe as recipe
+
+    args = recipe.parse_args([])
+    assert args.budget_min == 60 and args.eval_scenes == 200 and args.heldout_scenes == 200
+    # 3600 s - 45 s of data - (30 s + 0.4 s x 400 scenes) for export and evaluation
+    assert recipe.training_budget_s(args, 45.0) == pytest.approx(3600 - 45 - 190)
+    assert recipe.training_budget_s(args, 3500.0) == 60.0  # at least a minute
+    report = {"iterations": 14210, "iterations_configured": 15000, "budget_min": 60.0}
+    assert recipe.iterations_text(report) == "14,210 of 15,000 iterations (the 60-minute budget)"
+    assert recipe.iterations_text({**report, "iterations": 15000}) == "15,000 iterations"
+    cfg = load_config(REPO_ROOT / recipe.TRAIN_CONFIG, ["run.time_budget_s=100"])
+    assert "run.time_budget_s" in cfg.given and cfg.run.time_budget_s == 100  # the user's own budget is kept
+    assert load_config(REPO_ROOT / recipe.TRAIN_CONFIG).run.time_budget_s is None
+
+
+def test_time_budget_shortens_the_run_and_its_cosine(setup_dir: Path) -> None:
+    """Every iteration "takes" 2 s on the trainer's clock and the budget is 60 s: the rate
+    is measured from the first log line after 20 iterations (iteration 20, 40 s) to the
+    next (25, 50 s): 0.5 it/s, 10 s left, int(0.5 * 10 * 0.99) = 4 more, so the run of 60
+    configured iterations ends at 29, its cosine fitted to 29; resuming its iteration-25
+    checkpoint keeps the fitted length and schedule."""
+    run = {"time_budget_s": 60, "log_freq": 5, "save_every_iters": 5, "keep_last_ckpts": 10}
+    cfg = load_config(tiny_train_config(setup_dir, iters=60, run=run))
+
+    def budgeted(trainer: Trainer) -> list[float]:
+        steps, lrs = [0], []
+        forward_backward = trainer._forward_backward
+
+        def counted(*args, **kwargs):
+            steps[0] += 1
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            return forward_backward(*args, **kwargs)
+
+        trainer._forward_backward = counted
+        trainer.clock = lambda: 2.0 * steps[0]
+        try:
+            trainer.train()
+        finally:
+            trainer.cleanup()
+        return lrs
+
+    trainer = Trainer(cfg, "budget")
+    lrs = budgeted(trainer)
+    out = trainer.out_dir
+    final = ckpt_io.load_checkpoint(out / "checkpoint_last.pth")
+    assert len(lrs) == 29 and final["iteration"] == 29 and final["total_iterations"] == 29
+    assert lrs[:25] == pytest.approx([lr_at(i, cfg.run) for i in range(25)])  # 60 iterations until the fit
+    assert lrs[25:] == pytest.approx([lr_at(i, cfg.run, 29) for i in range(25, 29)])
+    assert lrs[-1] < lr_at(28, cfg.run) and lrs[-1] == pytest.approx(1e-3, rel=0.02)  # ends near min_lr
+    assert "time budget: 29 iterations fit (of 60 configured" in (out / "train.log").read_text()
+
+    cfg.run.resume_ckpt_path = str(out / "checkpoint_iter00000025.pth")
+    resumed = Trainer(cfg, "budget_resumed")
+    resumed.setup()
+    assert resumed.start_iteration == 25 and resumed.total == 29
+    assert budgeted(resumed) == pytest.approx(lrs[25:])
 
 
 def test_dry_run_builds_everything_and_runs_no_step(setup_dir: Path) -> None:

@@ -41,6 +41,7 @@ from click4caption.data.sources import BatchPosition
 from click4caption.data.mixing import MixedBatches, build_sources, make_loader, split_meta
 from click4caption.errors import CheckpointError, Click4CaptionError, ConfigError
 from click4caption.training import checkpointing as ckpt_io
+from click4caption.training.budget import TimeBudget
 from click4caption.training.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed,
 )
@@ -155,7 +156,8 @@ class Trainer:
         self.out_dir = Path(self.run.output_dir).expanduser() / exp_name
         self.dist = DistInfo()
         self.start_iteration = 0
-        self.total = total_steps(self.run)
+        self.total = total_steps(self.run)  # a time budget may shorten it (run.time_budget_s)
+        self.clock: Callable[[], float] = time.perf_counter  # tests replace it
         self.skipped_before: Counter = Counter()  # all ranks, before this process (restored on resume)
         self.rank_skipped: Counter = Counter()    # this rank, since this process started
         self._log_handler: logging.Handler | None = None
@@ -269,6 +271,9 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_iteration = int(ckpt.get("iteration", 0))
+        fitted = ckpt.get("total_iterations")
+        if self.run.time_budget_s is not None and fitted is not None:  # the schedule goes on as it was fitted
+            self.total = max(self.start_iteration, min(int(fitted), self.total))
         data = ckpt.get("data_state") or {}
         self.skipped_before = Counter({str(k): int(v) for k, v in (data.get("skipped") or {}).items()})
         if data.get("world_size") not in (None, self.dist.world_size) or data.get("seed") not in (None, self.run.seed):
@@ -305,15 +310,21 @@ class Trainer:
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
         logger.info("training iterations %d..%d (%d per epoch, %d epochs), accumulating %d", self.start_iteration,
                     self.total, run.iters_per_epoch, run.max_epoch, accum)
+        budget = (TimeBudget(run.time_budget_s, self.start_iteration, total_steps(run), clock=self.clock)
+                  if run.time_budget_s is not None else None)
+        if budget is not None:
+            logger.info("time budget: %.0f s of training; the iterations are fitted to the measured rate",
+                        run.time_budget_s)
         self.optimizer.zero_grad(set_to_none=True)
         batches: Iterator[dict[str, Any]] = iter(loader)
+        it = self.start_iteration
         with logging_redirect_tqdm():  # log lines do not break the bar
-            for it in range(self.start_iteration, self.total):
+            while it < self.total:
                 batch = _next_batch(batches)
                 samples, meta = split_meta(batch)
                 if meta.get("_step") != it:
                     raise RuntimeError(f"data loader out of order: got step {meta.get('_step')} at iteration {it}")
-                lr = lr_at(it, run)
+                lr = lr_at(it, run, self.total)
                 set_lr(self.optimizer, lr)
                 seed = step_seed(run.seed, self.dist.rank, it)
                 torch.manual_seed(seed)
@@ -329,6 +340,9 @@ class Trainer:
                 bar.update(1)
 
                 done = it + 1
+                it = done
+                if budget is not None and sync and done % run.log_freq == 0:
+                    self._fit_to_budget(budget, done, bar)
                 epoch_end = done % run.iters_per_epoch == 0
                 if epoch_end:
                     pending_epoch = (done - 1) // run.iters_per_epoch
@@ -340,9 +354,25 @@ class Trainer:
                     result.last_checkpoint = self.save(done, epoch_end=pending_epoch)
                     pending_save, pending_epoch = False, None
         bar.close()
+        if budget is not None:
+            logger.info("time budget: %d of %d iterations in %.0f s (budget %.0f s)", self.total - self.start_iteration,
+                        total_steps(run) - self.start_iteration, budget.elapsed(), run.time_budget_s)
         result.end_iteration = self.total
         result.skipped = dict(self.total_skipped())
         return result
+
+    def _fit_to_budget(self, budget: TimeBudget, done: int, bar: tqdm) -> None:
+        """Refit ``self.total`` to the time left (rank 0 decides, every rank follows)."""
+        fitted = budget.refit(done, self.total)
+        fitted = int(all_reduce_sum([float(fitted) if self.dist.is_main else 0.0], self.dist)[0])
+        if fitted == self.total:
+            return
+        if self.total == total_steps(self.run) or fitted == done:
+            logger.info("time budget: %d iterations fit (of %d configured; %.0f s of %.0f s used at iteration %d)",
+                        fitted, total_steps(self.run), budget.elapsed(), budget.budget_s, done)
+        self.total = fitted
+        bar.total = fitted
+        bar.refresh()
 
     def _forward_backward(self, samples: dict[str, Any], sync: bool, accum: int
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -435,6 +465,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": max(iteration - 1, 0) // self.run.iters_per_epoch,
             "iteration": iteration,
+            "total_iterations": self.total,  # less than the config's when a time budget cut the run
             "config": self.cfg.to_dict(),
             "data_state": {"scheme": "step-indexed", "seed": self.run.seed, "world_size": self.dist.world_size,
                            "next_step": iteration, "skipped": dict(skipped)},

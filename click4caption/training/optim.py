@@ -5,7 +5,8 @@ ones, biases and normalisation weights. The learning rate is set per iteration
 (global step, counted across epochs): linear from ``warmup_lr`` to ``init_lr`` over
 ``warmup_steps``, then cosine from ``init_lr`` to ``min_lr`` over the remaining
 ``max_epoch * iters_per_epoch - warmup_steps`` steps (upstream's
-``linear_warmup_cosine_lr``).
+``linear_warmup_cosine_lr``), or over the length a time budget fitted
+(:mod:`click4caption.training.budget`).
 """
 from __future__ import annotations
 
@@ -81,16 +82,19 @@ def check_schedule(run: RunConfig) -> None:
         raise ConfigError(f"run.max_epoch ({run.max_epoch}) and run.iters_per_epoch ({run.iters_per_epoch}) must be >= 1")
     if run.warmup_steps < 0:
         raise ConfigError(f"run.warmup_steps must be >= 0, got {run.warmup_steps}")
+    if run.time_budget_s is not None and not run.time_budget_s > 0:
+        raise ConfigError(f"run.time_budget_s must be > 0 seconds (or null: no budget), got {run.time_budget_s}")
     if run.accum_grad_iters < 1:
         raise ConfigError(f"run.accum_grad_iters must be >= 1, got {run.accum_grad_iters}")
 
 
-def lr_at(step: int, run: RunConfig) -> float:
-    """Learning rate of global iteration ``step`` (0-based)."""
+def lr_at(step: int, run: RunConfig, total: int | None = None) -> float:
+    """Learning rate of global iteration ``step`` (0-based) in a run of ``total``
+    iterations (default :func:`total_steps`)."""
     warmup_start = run.warmup_lr if run.warmup_lr >= 0 else run.init_lr
     if step < run.warmup_steps:
         return min(run.init_lr, warmup_start + (run.init_lr - warmup_start) * step / max(run.warmup_steps, 1))
-    decay_steps = max(total_steps(run) - run.warmup_steps, 1)
+    decay_steps = max((total_steps(run) if total is None else total) - run.warmup_steps, 1)
     progress = min((step - run.warmup_steps) / decay_steps, 1.0)
     return run.min_lr + (run.init_lr - run.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
