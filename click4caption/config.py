@@ -125,6 +125,10 @@ class ModelConfig:
     # box_attention_owner_weight) add up to the object count, so that an object near a cell
     # border is claimed once (0 = off)
     box_attention_owner_count_weight: float = 0.0
+    # with "objects": width w (in cells, 0-1) of the band around the cell borders where an
+    # object is owned by the neighbouring cells in shares (its centre spread over a w x w
+    # square), so that owning changes smoothly near a border (0 = one owner per object)
+    box_attention_owner_ramp: float = 0.0
 
 
 @dataclass

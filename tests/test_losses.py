@@ -137,6 +137,37 @@ def test_owner_count_loss_makes_the_owner_answers_add_up_to_the_count() -> None:
         BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="cells", owner_count_weight=0.5)
 
 
+def test_owner_ramp_shares_an_object_near_a_cell_border_between_its_cells() -> None:
+    """2 x 2 cells of 16 px, w = 0.5 cell. Object A's centre (18, 8) is 1.125 / 0.5 cells:
+    its square spans x 0.875-1.375 (0.125 in column 0, 0.375 in column 1) and y 0.25-0.75
+    (row 0), so cells 0 and 1 own 0.25 and 0.75 of it. Object B's centre (4, 30) is 0.25 /
+    1.875 cells: its square is moved inside the image (x 0-0.5, y 1.5-2), all in cell 2."""
+    a = BoxAttentionAid(weight=1.0, grid=2, num_queries=4, grid_size=(2, 2), image_size=32,
+                        whole_image="objects", owner_weight=1.0, owner_ramp=0.5)
+    objects = (torch.tensor([[[[14.0, 4.0], [22.0, 12.0]], [[0.0, 28.0], [8.0, 32.0]]]]), torch.tensor([2]))
+    shares = a.shared_owners(*objects)
+    assert torch.allclose(shares[0], torch.tensor([[0.25, 0.0], [0.75, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    # every query with a share looks at the object: A holds no patch centre, its nearest is
+    # patch 1's (24, 8), B's is patch 2; query 3 looks at its cell's
+    # background (patch 3). One owner per object (w = 0) would send query 0 to patch 0.
+    targets = a.targets(torch.tensor([[[0.0, 0.0], [32.0, 32.0]]]), 4, objects)
+    assert targets[0].tolist() == [[0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    hard = BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="objects")
+    assert hard.targets(torch.tensor([[[0.0, 0.0], [32.0, 32.0]]]), 4, objects)[0, 0].tolist() == [1, 0, 0, 0]
+    # the owner loss learns the shares: binary cross-entropy against 0.25 / 0.75 / 1 / 0
+    logits = torch.tensor([0.5, -1.0, 2.0, -2.0])
+    outputs = torch.zeros(1, 4, 3)
+    outputs[0, :, 0] = logits
+    p = logits.sigmoid()
+    y = torch.tensor([0.25, 0.75, 1.0, 0.0])
+    expected = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+    assert float(a.owner_loss(outputs, torch.tensor([[[0.0, 0.0], [32.0, 32.0]]]), objects)) == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="owner_ramp"):
+        BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="objects", owner_ramp=1.5)
+    with pytest.raises(ConfigError, match="owner_ramp"):
+        BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="cells", owner_ramp=0.5)
+
+
 def test_object_layers_pull_whole_image_queries_onto_objects_in_the_last_layers_only() -> None:
     """box_attention_object_layers n: the earlier cross-attention layers let a whole-image
     row's queries look anywhere (no loss), region rows keep their cells in every layer."""

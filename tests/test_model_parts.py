@@ -596,3 +596,8 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
         float(out["lm_loss"]) + float(out["box_attention_loss"]) + 0.5 * float(out["owner_loss"])
         + 0.25 * float(out["owner_count_loss"]), rel=1e-5)
     assert "owner_loss" not in owner_model(caption)  # no objects: no owner loss
+    # box_attention_owner_ramp reaches the aid: shared owners change the owner loss's targets
+    ramp_model = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2,
+                                               box_attention_whole_image="objects", box_attention_owner_weight=0.5,
+                                               box_attention_owner_ramp=1.0), for_training=True)
+    assert ramp_model.box_attention.owner_ramp == 1.0

@@ -23,7 +23,11 @@ only has to add up (no parameter is added: the output LayerNorm's scale and shif
 channel act as the logit's). With ``owner_count_weight`` > 0 the queries' answers must
 also add up to the count: the squared difference between the sum of their probabilities
 and the number of owned objects, so that an object whose centre lies near a cell border is
-claimed once over the neighbouring queries, not by both or by neither.
+claimed once over the neighbouring queries, not by both or by neither. With ``owner_ramp``
+w > 0 ownership itself is shared near cell borders: an object's centre is spread over a
+w x w square (in cells) and each cell owns the share of that square it holds, so that
+owning changes smoothly with the object's position instead of flipping at a border; every
+query owning a share targets the object's patches and answers its share.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -69,11 +73,14 @@ class BoxAttentionAid:
             in the last n cross-attention layers only (earlier ones: anywhere); 0: in all.
         owner_count_weight: with ``"objects"``: factor of the owner count loss
             (:meth:`owner_count_loss`); 0: off.
+        owner_ramp: with ``"objects"``: w in ``(0, 1]`` shares an object between the cells
+            its centre's w x w square (in cells) overlaps (:meth:`shared_owners`); 0: the
+            one query of :meth:`object_owners`.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
                  image_size: int, whole_image: str = "cells", owner_weight: float = 0.0,
-                 object_layers: int = 0, owner_count_weight: float = 0.0) -> None:
+                 object_layers: int = 0, owner_count_weight: float = 0.0, owner_ramp: float = 0.0) -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
@@ -84,7 +91,11 @@ class BoxAttentionAid:
         if object_layers < 0 or (object_layers and (whole_image != "objects" or grid <= 0)):
             raise ConfigError("box attention: object_layers must be >= 0 and needs whole_image 'objects' "
                               f"and a grid > 0, got {object_layers}")
+        if not 0 <= owner_ramp <= 1 or (owner_ramp and (whole_image != "objects" or grid <= 0)):
+            raise ConfigError("box attention: owner_ramp must be in [0, 1] cells and needs whole_image 'objects' "
+                              f"and a grid > 0, got {owner_ramp}")
         self.object_layers = object_layers
+        self.owner_ramp = owner_ramp
         self.weight = weight
         self.owner_weight = owner_weight
         self.owner_count_weight = owner_count_weight
@@ -235,6 +246,33 @@ class BoxAttentionAid:
             taken[rows, pick[rows]] = True
         return owners
 
+    def shared_owners(self, objects: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Shares of each object owned by each query on whole images: ``NxMx2x2`` object
+        boxes (zero-padded) and ``N`` counts -> ``NxQxM`` in ``[0, 1]``, each real object's
+        shares summing to 1.
+
+        The object's centre, in cells of the g x g grid over the image, is spread over a
+        square of side w = ``owner_ramp`` (moved inside the image where it would stick
+        out); cell c owns the share of the square it holds (the product of the overlaps
+        along x and along y, over w^2), and the first query of cell c (query c) answers
+        for it. With w = 0 this is :meth:`object_owners`.
+        """
+        if not self.owner_ramp:
+            return self.object_owners(objects, counts)
+        g, s, w = self.grid, float(self.image_size), self.owner_ramp
+        n, m = objects.shape[:2]
+        centres = (objects[:, :, 0] + objects[:, :, 1]) / 2 / s * g  # NxMx2 (x, y) in cells
+        lo = (centres - w / 2).clamp(0.0, g - w)  # the square's low edge, inside [0, g]
+        edges = torch.arange(g + 1, device=objects.device, dtype=objects.dtype)
+        overlap = (torch.minimum(lo[..., None] + w, edges[1:]) - torch.maximum(lo[..., None], edges[:-1]))
+        share = overlap.clamp(min=0.0) / w  # NxMx2xg: along x, along y
+        cells = (share[:, :, 1, :, None] * share[:, :, 0, None, :]).reshape(n, m, g * g)  # row-major
+        valid = (torch.arange(m, device=objects.device)[None] < counts[:, None]).to(objects.dtype)
+        owners = objects.new_zeros(n, self.num_queries, m)
+        first = min(self.num_queries, g * g)
+        owners[:, :first] = (cells * valid[..., None]).transpose(1, 2)[:, :first]
+        return owners
+
     def object_targets(self, objects: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """One query per object on whole images: ``NxMx2x2`` object boxes (zero-padded)
         and ``N`` counts -> ``NxQxT`` masks.
@@ -254,7 +292,7 @@ class BoxAttentionAid:
         background = 1.0 - object_masks.amax(dim=1)  # NxT
         if num_tokens == self.grid_size[0] * self.grid_size[1] + 1:
             background[:, 0] = 0.0  # a kept CLS token is never a target
-        owner = self.object_owners(objects, counts)  # NxQxM
+        owner = (self.shared_owners(objects, counts) > 0).to(objects.dtype)  # NxQxM
         owned = (owner @ object_masks).clamp(max=1.0)  # NxQxT
         empty_cell = cell_masks * background[:, None]  # NxQxT
         fallback = torch.where(background.sum(-1, keepdim=True)[:, None] > 0, background[:, None], cell_masks)
@@ -314,13 +352,14 @@ class BoxAttentionAid:
 
     def _whole_image_owners(self, boxes: torch.Tensor,
                             objects: ObjectBoxes) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The (near-)whole-image rows with known objects and which of their queries owns
-        one: ``(R row indices, RxQ 0/1)``, or None when there is no such row."""
+        """The (near-)whole-image rows with known objects and how much of an object each
+        of their queries owns: ``(R row indices, RxQ in [0, 1])`` (0/1 unless ``owner_ramp``
+        shares objects), or None when there is no such row."""
         boxes_m, counts = objects
         rows = (self.is_near_full(boxes) & (counts > 0)).nonzero().flatten()
         if not len(rows):
             return None
-        return rows, self.object_owners(boxes_m[rows].float(), counts[rows]).amax(-1)
+        return rows, self.shared_owners(boxes_m[rows].float(), counts[rows]).sum(-1).clamp(max=1.0)
 
     def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> torch.Tensor:
         """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).
