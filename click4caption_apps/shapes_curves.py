@@ -20,7 +20,7 @@ from click4caption_apps.cli import run_main, setup_logging
 from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, evaluate_shapes
 from click4caption.shapes.scoring import KINDS
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("click4caption.shapes_curves")  # not __name__: "__main__" under -m, not shown
 
 SHORT = {"describe": "describe", "color": "colour", "shape": "shape", "size": "size", "same_color": "same colour",
          "same_shape": "same shape", "whole": "count", "followup": "follow-up"}

@@ -36,7 +36,7 @@ from click4caption.config import Config, load_config
 from click4caption.shapes.tokenizer import build_shapes_tokenizer
 from click4caption.shapes.writers import InstructMix, write_shapes_dataset
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("click4caption.shapes_recipe")  # not __name__: "__main__" under -m, not shown
 
 TRAIN_CONFIG = "train_configs/shapes_train.yaml"
 EVAL_CONFIG = "eval_configs/shapes_eval.yaml"
