@@ -85,21 +85,23 @@ def write_llm_folder(folder: Path, layers: int | None = None) -> None:
 
 def export(cfg: Config, checkpoint: Path, model_dir: Path) -> dict[str, int]:
     """Trainer checkpoint -> shipped files: the LLM as a transformers folder (weights
-    included) and the other parts as ``{'model': state_dict}``."""
+    included) and the other parts as ``{'model': state_dict}``. Returns the parameter
+    count, the shipped bytes and the iterations the checkpoint was trained for."""
     from click4caption.models.builder import build_model
     from click4caption.training.checkpointing import load_checkpoint, load_trainable_state_dict
     from click4caption.training.freezing import frozen_parts
 
     model = build_model(cfg.model, device="cpu", for_training=True)
     model.freeze(frozen_parts(cfg.model))  # what the trainer trained (and saved)
-    load_trainable_state_dict(model, load_checkpoint(checkpoint)["model"], str(checkpoint))
+    ckpt = load_checkpoint(checkpoint)
+    load_trainable_state_dict(model, ckpt["model"], str(checkpoint))
     llm_dir = model_dir / "llm"
     model.llama_model.save_pretrained(llm_dir)
     rest = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("llama_model.")}
     tmp = model_dir / (CKPT_NAME + ".tmp")
     torch.save({"model": rest}, tmp)
     tmp.replace(model_dir / CKPT_NAME)
-    return {"params": sum(p.numel() for p in model.parameters()),
+    return {"params": sum(p.numel() for p in model.parameters()), "iterations": int(ckpt["iteration"]),
             "bytes": (model_dir / CKPT_NAME).stat().st_size + sum(f.stat().st_size for f in llm_dir.iterdir())}
 
 
@@ -142,13 +144,6 @@ def write_report_md(path: Path, report: dict, device: torch.device) -> None:
         if REPORT_RUNS_MARKER in old:
             kept = old[old.index(REPORT_RUNS_MARKER):]
     path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
-
-
-def trained_iterations(checkpoint: Path) -> int:
-    """Iterations the exported checkpoint was trained for."""
-    from click4caption.training.checkpointing import load_checkpoint
-
-    return int(load_checkpoint(checkpoint)["iteration"])
 
 
 def training_budget_s(args: argparse.Namespace, spent_s: float) -> float:
@@ -262,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(timings.values())
     report = {
         "timings_s": {**{k: round(v, 1) for k, v in timings.items()}, "total_s": round(total, 1)},
-        "iterations": trained_iterations(last),
         "iterations_configured": cfg.run.max_epoch * cfg.run.iters_per_epoch,
         "budget_min": args.budget_min,
         "device": str(device), "cpu_threads": torch.get_num_threads(), "machine": platform.platform(),

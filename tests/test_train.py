@@ -227,6 +227,19 @@ def test_the_recipe_gives_training_what_its_budget_leaves() -> None:
     assert load_config(REPO_ROOT / recipe.TRAIN_CONFIG).run.time_budget_s is None
 
 
+def test_the_recipe_exports_what_it_trained(setup_dir: Path, tmp_path: Path) -> None:
+    """export() writes the LLM folder and the rest, and reports the checkpoint's iterations
+    (REPORT.md's "13,909 of 15,000 iterations" when a budget cut the run)."""
+    from click4caption_apps import shapes_recipe as recipe
+
+    cfg = load_config(tiny_train_config(setup_dir, iters=3, run={"save_every_iters": 3, "log_freq": 3}))
+    result = run_training(cfg, "export")
+    sizes = recipe.export(cfg, result.last_checkpoint, tmp_path)
+    assert sizes["iterations"] == 3
+    assert (tmp_path / recipe.CKPT_NAME).stat().st_size + sum(
+        f.stat().st_size for f in (tmp_path / "llm").iterdir()) == sizes["bytes"]
+
+
 def test_time_budget_shortens_the_run_and_its_cosine(setup_dir: Path) -> None:
     """Every iteration "takes" 2 s on the trainer's clock and the budget is 60 s: the rate
     is measured from the first log line after 20 iterations (iteration 20, 40 s) to the

@@ -10,11 +10,8 @@ rate's cosine then runs over the fitted length, so a shortened run still ends at
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable
-
-logger = logging.getLogger(__name__)
 
 #: share of the time left kept in hand for the rate's drift and the last checkpoint
 SAFETY = 0.01
