@@ -5,7 +5,12 @@
 :func:`click4caption.shapes.evaluation.evaluate_shapes`, one row per checkpoint (the
 seven rows of design/shapes_world.md plus the follow-up row), and writes them to
 ``<run>/curves.json``. A checkpoint carries its resolved config, so nothing else is
-needed but the LLM folder (tokenizer) that config names.
+needed but the LLM folder (tokenizer) that config names. An exported model (the shipped
+``models/shapes/click4caption_shapes.pth``, no config) is read with the shipped eval config.
+
+``--owners`` adds what the queries' "owns an object" channel counts on the same scenes'
+whole-image boxes (:mod:`click4caption.shapes.owners`): the Q-Former's count before the
+LLM, and where its wrong queries lie.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from click4caption_apps.cli import run_main, setup_logging
+from click4caption.errors import InputError
 from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, evaluate_shapes
 from click4caption.shapes.scoring import KINDS
 
@@ -26,17 +32,26 @@ SHORT = {"describe": "describe", "color": "colour", "shape": "shape", "size": "s
          "same_shape": "same shape", "whole": "count", "followup": "follow-up"}
 
 
-def load_captioner(checkpoint: Path, llm_dir: str | None = None, device: str = "cpu") -> Any:
-    """A :class:`~click4caption.captioner.Captioner` on a trainer checkpoint."""
+def load_captioner(checkpoint: Path, llm_dir: str | None = None, device: str = "cpu") -> tuple[Any, int | None, Any]:
+    """``(Captioner, iteration, model config)`` of a trainer checkpoint, or of an exported
+    model (iteration None) with the shipped eval config."""
     from click4caption.captioner import Captioner
     from click4caption.generation import GenerationSettings
-    from click4caption.config import from_dict
+    from click4caption.config import from_dict, load_config
     from click4caption.models.builder import build_model
+    from click4caption.paths import default_config_path
     from click4caption.processors import Blip2ImageEvalProcessor
     from click4caption.training.checkpointing import load_checkpoint, load_trainable_state_dict
     from click4caption.training.freezing import frozen_parts
 
+    settings = GenerationSettings(max_new_tokens=60)
     ckpt = load_checkpoint(checkpoint)
+    if "config" not in ckpt:
+        cfg = load_config(default_config_path())
+        cfg.model.ckpt = str(checkpoint)
+        if llm_dir:
+            cfg.model.llama_model = llm_dir
+        return Captioner.from_config(cfg, device, settings), None, cfg.model
     cfg = from_dict(ckpt["config"])
     if llm_dir:
         cfg.model.llama_model = llm_dir
@@ -44,17 +59,40 @@ def load_captioner(checkpoint: Path, llm_dir: str | None = None, device: str = "
     model.freeze(frozen_parts(cfg.model))  # what the trainer trained (and saved)
     load_trainable_state_dict(model, ckpt["model"], str(checkpoint))
     model.eval()
-    settings = GenerationSettings(max_new_tokens=60)
-    return Captioner(model, Blip2ImageEvalProcessor(cfg.model.image_size), device, settings), int(ckpt["iteration"])
+    captioner = Captioner(model, Blip2ImageEvalProcessor(cfg.model.image_size), device, settings)
+    return captioner, int(ckpt["iteration"]), cfg.model
 
 
-def row(iteration: int, scores: dict[str, dict[str, Any]]) -> str:
-    return f"| {iteration:,} | " + " | ".join(
-        f"{100 * scores[k]['value']:.1f}" if k in scores else "" for k in KINDS) + " |"
+def checkpoint_grid(checkpoint: Path) -> int:
+    """The ``box_attention_grid`` a trainer checkpoint's config names (0 for an exported model)."""
+    from click4caption.config import from_dict
+    from click4caption.training.checkpointing import load_checkpoint
+
+    config = load_checkpoint(checkpoint).get("config")
+    return from_dict(config).model.box_attention_grid if config else 0
 
 
-def header() -> str:
-    return "| iterations | " + " | ".join(SHORT[k] for k in KINDS) + " |\n|" + " --- |" * (len(KINDS) + 1)
+def row(name: str, scores: dict[str, dict[str, Any]], owners: dict[str, Any] | None = None) -> str:
+    cells = [f"{100 * scores[k]['value']:.1f}" if k in scores else "" for k in KINDS]
+    if owners is not None:
+        cells.append(f"{100 * owners['value']:.1f} ({owners['under']} under, {owners['over']} over)")
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def header(owners: bool = False) -> str:
+    names = [SHORT[k] for k in KINDS] + (["owner count"] if owners else [])
+    return "| iterations | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
+
+
+def owner_items(generator: str, seed: int, scenes: int, image_dir: Path) -> list[dict[str, Any]]:
+    """The evaluation items :func:`evaluate_shapes` asks on (same seed, same scenes)."""
+    if generator == "heldout":
+        from click4caption.shapes.heldout import make_heldout_items
+
+        return make_heldout_items(seed, scenes, image_dir)
+    from click4caption.shapes.scoring import make_eval_items
+
+    return make_eval_items(seed, scenes, image_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=1, help="score every N-th checkpoint of a folder (and the last)")
     p.add_argument("--llm-dir", default=None, help="the LLM folder (default: the one the checkpoint's config names)")
     p.add_argument("--out", default=None, help="JSON file for the rows (default: <run>/curves[-heldout].json)")
+    p.add_argument("--owners", action="store_true",
+                   help="also read the queries' owner channel on the whole-image boxes (click4caption/shapes/owners.py)")
+    p.add_argument("--grid", type=int, default=None,
+                   help="with --owners: the owner grid (default: the checkpoint's box_attention_grid; "
+                        "an exported model has none: give 4 for the shipped one)")
+    p.add_argument("--ramp", type=float, default=None,
+                   help="with --owners: the owner ramp the targets follow (default: the checkpoint's "
+                        "box_attention_owner_ramp; 0 for an exported model)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -80,15 +126,28 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.generator == "shapes" else f"-{args.generator}"
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / f"curves{suffix}.json"
     rows: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    print(header(), flush=True)
+    grids = {f: args.grid if args.grid is not None else checkpoint_grid(f) for f in files} if args.owners else {}
+    for f, grid in grids.items():
+        if grid <= 0:
+            raise InputError(f"{f}: --owners needs a grid: the model has no box_attention_grid; give --grid")
+    print(header(args.owners), flush=True)
     for f in files:
-        captioner, iteration = load_captioner(f, args.llm_dir)
+        captioner, iteration, model_cfg = load_captioner(f, args.llm_dir)
         with tempfile.TemporaryDirectory() as tmp:
             scores = evaluate_shapes(captioner, args.seed, args.scenes, Path(tmp), generator=args.generator)
-        rows[str(iteration)] = {"checkpoint": str(f), "scenes": args.scenes, "seed": args.seed,
-                                "generator": args.generator, "scores": scores}
+            owners = None
+            if args.owners:
+                from click4caption.shapes.owners import read_owners
+
+                items = owner_items(args.generator, args.seed, args.scenes, Path(tmp) / "owners")
+                ramp = args.ramp if args.ramp is not None else model_cfg.box_attention_owner_ramp
+                owners = read_owners(captioner, items, grids[f], ramp)
+        name = f"{iteration:,}" if iteration is not None else f.name
+        rows[str(iteration) if iteration is not None else f.name] = {
+            "checkpoint": str(f), "scenes": args.scenes, "seed": args.seed, "generator": args.generator,
+            "scores": scores, **({"owners": owners} if owners is not None else {})}
         out.write_text(json.dumps(rows, indent=1))
-        print(row(iteration, scores), flush=True)
+        print(row(name, scores, owners), flush=True)
     return 0
 
 
