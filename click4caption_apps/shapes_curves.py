@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         "box_attention_owner_ramp; 0 for an exported model)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.ramp is not None and not 0 <= args.ramp <= 1:
+        raise InputError(f"--ramp must be in [0, 1] cells, got {args.ramp}")
     setup_logging(args.verbose)
     files: list[Path] = []
     for path in map(Path, args.paths):

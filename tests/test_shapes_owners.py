@@ -124,3 +124,10 @@ def test_learning_curves_with_owners(tmp_path: Path) -> None:
                    "--scenes", "2", "--owners", "--out", str(out))
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "--grid" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_owner_ramp_out_of_range_is_refused_before_any_work() -> None:
+    proc = run_app("-m", "click4caption_apps.shapes_curves", "models/shapes/click4caption_shapes.pth",
+                   "--owners", "--grid", "4", "--ramp", "1.5")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --ramp must be in [0, 1]")
+    assert len(proc.stderr.strip().splitlines()) == 1
