@@ -23,7 +23,7 @@ from typing import Any
 
 from click4caption_apps.cli import run_main, setup_logging
 from click4caption.errors import InputError
-from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, evaluate_shapes
+from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, evaluate_shapes, make_items
 from click4caption.shapes.scoring import KINDS
 
 logger = logging.getLogger("click4caption.shapes_curves")  # not __name__: "__main__" under -m, not shown
@@ -84,17 +84,6 @@ def header(owners: bool = False) -> str:
     return "| iterations | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
 
 
-def owner_items(generator: str, seed: int, scenes: int, image_dir: Path) -> list[dict[str, Any]]:
-    """The evaluation items :func:`evaluate_shapes` asks on (same seed, same scenes)."""
-    if generator == "heldout":
-        from click4caption.shapes.heldout import make_heldout_items
-
-        return make_heldout_items(seed, scenes, image_dir)
-    from click4caption.shapes.scoring import make_eval_items
-
-    return make_eval_items(seed, scenes, image_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help="a run folder (all its checkpoint_iter*.pth) or checkpoint files")
@@ -141,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.owners:
                 from click4caption.shapes.owners import read_owners
 
-                items = owner_items(args.generator, args.seed, args.scenes, Path(tmp) / "owners")
+                items = make_items(args.generator, args.seed, args.scenes, Path(tmp) / "owners")
                 ramp = args.ramp if args.ramp is not None else model_cfg.box_attention_owner_ramp
                 owners = read_owners(captioner, items, grids[f], ramp)
         name = f"{iteration:,}" if iteration is not None else f.name

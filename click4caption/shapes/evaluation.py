@@ -39,6 +39,18 @@ def ask_conversation(captioner: Captioner, image: str, turns: list[dict[str, Any
 
 
 
+def make_items(generator: str, seed: int, scenes: int, image_dir: Path) -> list[dict[str, Any]]:
+    """The one-turn evaluation items of ``scenes`` scenes of ``generator`` (see
+    :func:`evaluate_shapes`), images saved under ``image_dir``."""
+    if generator == "shapes":
+        return make_eval_items(seed, scenes, image_dir)
+    if generator == "heldout":
+        from click4caption.shapes.heldout import make_heldout_items
+
+        return make_heldout_items(seed, scenes, image_dir)
+    raise InputError(f"unknown generator {generator!r} (known: {', '.join(GENERATORS)})")
+
+
 def evaluate_shapes(captioner: Captioner, seed: int, scenes: int, out: Path, followups: bool = True,
                     generator: str = "shapes") -> dict[str, dict[str, Any]]:
     """Score ``captioner`` on ``scenes`` fresh scenes (7 questions each, plus two
@@ -58,15 +70,9 @@ def evaluate_shapes(captioner: Captioner, seed: int, scenes: int, out: Path, fol
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    if generator == "shapes":
-        items = make_eval_items(seed, scenes, out / "images")
-        conversations = make_followup_items(seed, scenes, out / "images") if followups else []
-    elif generator == "heldout":
-        from click4caption.shapes.heldout import make_heldout_items
-
-        items, conversations = make_heldout_items(seed, scenes, out / "images"), []
-    else:
-        raise InputError(f"unknown generator {generator!r} (known: {', '.join(GENERATORS)})")
+    items = make_items(generator, seed, scenes, out / "images")
+    use_followups = followups and generator == "shapes"
+    conversations = make_followup_items(seed, scenes, out / "images") if use_followups else []
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         for it in items:
             f.write(json.dumps({k: it[k] for k in ("image", "boxes", "question")}) + "\n")
