@@ -129,6 +129,11 @@ class ModelConfig:
     # object is owned by the neighbouring cells in shares (its centre spread over a w x w
     # square), so that owning changes smoothly near a border (0 = one owner per object)
     box_attention_owner_ramp: float = 0.0
+    # with "objects" (and no ramp): b > 0 matches each object to the query that costs least,
+    # squared distance (in cells) from its cell centre to the object's centre less b times
+    # its attention mass on the object in that pass, so that near a cell border the
+    # neighbour already looking at the object owns it (0 = the fixed rule)
+    box_attention_owner_match: float = 0.0
 
 
 @dataclass

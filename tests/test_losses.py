@@ -168,6 +168,53 @@ def test_owner_ramp_shares_an_object_near_a_cell_border_between_its_cells() -> N
         BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="cells", owner_ramp=0.5)
 
 
+def test_owner_match_gives_a_border_object_to_the_query_that_looks_at_it() -> None:
+    """2 x 2 cells of 16 px, b = 1. Object A's centre (16.5, 8) is (1.03, 0.5) cells, just
+    right of the border: the fixed rule gives it to query 1 (squared distance 0.2197 against
+    query 0's 0.2822), but query 0 puts 0.8 of its attention on A's patch (patch 1, the
+    nearest: A holds no patch centre) and query 1 only 0.2, so query 0 costs 0.2822 - 0.8
+    and owns it. Object B sits at cell 2's centre: query 3 looks at it harder (0.9) than
+    query 2 (0.4), but its cell is a whole cell away (cost 1 - 0.9 against 0 - 0.4), so the
+    geometry keeps it with query 2."""
+    a = BoxAttentionAid(weight=1.0, grid=2, num_queries=4, grid_size=(2, 2), image_size=32,
+                        whole_image="objects", owner_weight=1.0, owner_match=1.0)
+    two = [[[12.5, 4.0], [20.5, 12.0]], [[4.0, 20.0], [12.0, 28.0]]]
+    objects = (torch.tensor([two, two]), torch.tensor([2, 1]))  # the second row lists A only
+    rows = [[0.1, 0.8, 0.1, 0.0], [0.3, 0.2, 0.3, 0.2], [0.4, 0.1, 0.4, 0.1], [0.0, 0.0, 0.9, 0.1]]
+    attention = torch.tensor([rows, rows])
+    owners = a.matched_owners(*objects, attention)
+    assert owners[0].tolist() == [[1, 0], [0, 0], [0, 1], [0, 0]]
+    assert owners[1].tolist() == [[1, 0], [0, 0], [0, 0], [0, 0]]
+    assert a.object_owners(*objects)[0].tolist() == [[0, 0], [1, 0], [0, 1], [0, 0]]  # the fixed rule
+    # a small b leaves the border to the geometry: 0.2822 - 0.05 * 0.8 > 0.2197 - 0.05 * 0.2
+    weak = BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="objects", owner_match=0.05)
+    assert weak.matched_owners(*objects, attention)[0].tolist() == [[0, 0], [1, 0], [0, 1], [0, 0]]
+    # through record(): the last layer's attention (mean over heads) picks the owners of both
+    # the attention targets and the owner loss. Query 1 owns nothing and its cell's only patch
+    # is A's, so it targets the image's background (patches 0 and 3: 0.3 + 0.2); query 3 its
+    # cell's background (patch 3: 0.1)
+    whole = torch.tensor([[[0.0, 0.0], [32.0, 32.0]]])
+    one = (objects[0][:1], objects[1][:1])
+    maps = [torch.tensor([rows + [[1.0, 0.0, 0.0, 0.0]] * 2])[:, None].expand(-1, 2, -1, -1)]  # 2 equal heads
+    logits = torch.tensor([2.0, -1.0, 0.5, -2.0])
+    outputs = torch.zeros(1, 6, 3)
+    outputs[0, :4, 0] = logits
+    with a.record(whole, one):
+        a._record(None, None, (None, maps[0]))
+        a._record_outputs(None, None, type("Out", (), {"last_hidden_state": outputs}))
+    _, parts = a.take_loss()
+    expected_attention = (-math.log(0.8) - math.log(0.5) - math.log(0.4) - math.log(0.1)) / 4
+    assert float(parts["box_attention_loss"]) == pytest.approx(expected_attention, rel=1e-6)
+    p, y = logits.sigmoid(), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    expected_owner = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+    assert float(parts["owner_loss"]) == pytest.approx(expected_owner, rel=1e-6)
+    for bad in ({"owner_match": -1.0}, {"owner_match": 1.0, "owner_ramp": 0.5}):
+        with pytest.raises(ConfigError, match="owner_match"):
+            BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="objects", **bad)
+    with pytest.raises(ConfigError, match="owner_match"):
+        BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="cells", owner_match=1.0)
+
+
 def test_object_layers_pull_whole_image_queries_onto_objects_in_the_last_layers_only() -> None:
     """box_attention_object_layers n: the earlier cross-attention layers let a whole-image
     row's queries look anywhere (no loss), region rows keep their cells in every layer."""

@@ -581,7 +581,7 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
     assert not torch.isclose(model(with_objects)["box_attention_loss"], free)
     by_hand = aid.loss  # the conversation path: record 0 gets objects, record 1 none
     seen = []
-    aid.loss = lambda maps, bx, objs: seen.append(objs) or by_hand(maps, bx, objs)
+    aid.loss = lambda maps, bx, objs, attention=None: seen.append(objs) or by_hand(maps, bx, objs, attention)
     model(records_objects)
     aid.loss = by_hand
     assert seen[0][1].tolist() == [2, 0] and torch.equal(seen[0][0][0], with_objects["objects"][0])
@@ -601,3 +601,9 @@ def test_box_attention_objects_one_query_per_object(tmp_path: Path) -> None:
                                                box_attention_whole_image="objects", box_attention_owner_weight=0.5,
                                                box_attention_owner_ramp=1.0), for_training=True)
     assert ramp_model.box_attention.owner_ramp == 1.0
+    match_model = build_model(tiny_model_config(tmp_path, box_attention_loss_weight=1.0, box_attention_grid=2,
+                                                box_attention_whole_image="objects", box_attention_owner_weight=0.5,
+                                                box_attention_owner_match=1.0), for_training=True)
+    assert match_model.box_attention.owner_match == 1.0
+    match_model.train()  # the real Q-Former's maps (image tokens, corner rows) go through the matching
+    assert torch.isfinite(match_model(with_objects)["owner_loss"])

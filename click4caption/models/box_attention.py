@@ -27,7 +27,14 @@ claimed once over the neighbouring queries, not by both or by neither. With ``ow
 w > 0 ownership itself is shared near cell borders: an object's centre is spread over a
 w x w square (in cells) and each cell owns the share of that square it holds, so that
 owning changes smoothly with the object's position instead of flipping at a border; every
-query owning a share targets the object's patches and answers its share.
+query owning a share targets the object's patches and answers its share. With
+``owner_match`` b > 0 the owners are matched, not fixed (as a set-prediction detector
+matches its queries): each object goes to the free query of lowest cost, the squared
+distance (in cells) from the query's cell centre to the object's centre less b times the
+query's attention mass on the object's patches in the last cross-attention layer of this
+very pass (detached), cheapest (query, object) pair first. Far from a border the geometry
+decides; near one, whichever neighbour already looks at the object owns it, so the target
+follows the model instead of flipping where the model cannot see a difference.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -76,11 +83,14 @@ class BoxAttentionAid:
         owner_ramp: with ``"objects"``: w in ``(0, 1]`` shares an object between the cells
             its centre's w x w square (in cells) overlaps (:meth:`shared_owners`); 0: the
             one query of :meth:`object_owners`.
+        owner_match: with ``"objects"``: b > 0 matches owners to the queries' own attention
+            (:meth:`matched_owners`); 0: the fixed rule. Not with ``owner_ramp``.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
                  image_size: int, whole_image: str = "cells", owner_weight: float = 0.0,
-                 object_layers: int = 0, owner_count_weight: float = 0.0, owner_ramp: float = 0.0) -> None:
+                 object_layers: int = 0, owner_count_weight: float = 0.0, owner_ramp: float = 0.0,
+                 owner_match: float = 0.0) -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
@@ -94,8 +104,12 @@ class BoxAttentionAid:
         if not 0 <= owner_ramp <= 1 or (owner_ramp and (whole_image != "objects" or grid <= 0)):
             raise ConfigError("box attention: owner_ramp must be in [0, 1] cells and needs whole_image 'objects' "
                               f"and a grid > 0, got {owner_ramp}")
+        if owner_match < 0 or (owner_match and (whole_image != "objects" or grid <= 0 or owner_ramp)):
+            raise ConfigError("box attention: owner_match must be >= 0 and needs whole_image 'objects', a grid > 0 "
+                              f"and no owner_ramp, got {owner_match}")
         self.object_layers = object_layers
         self.owner_ramp = owner_ramp
+        self.owner_match = owner_match
         self.weight = weight
         self.owner_weight = owner_weight
         self.owner_count_weight = owner_count_weight
@@ -142,19 +156,25 @@ class BoxAttentionAid:
         self._maps, self._outputs = [], None
         try:
             yield
+            attention = self.last_attention(self._maps) if self.owner_match and self._maps else None
             if self._maps:
-                self._losses.append(self.loss(self._maps, boxes.float(), objects))
+                self._losses.append(self.loss(self._maps, boxes.float(), objects, attention))
             if self._outputs is not None and objects is not None:
                 if self.owner_weight:
-                    owner = self.owner_loss(self._outputs, boxes.float(), objects)
+                    owner = self.owner_loss(self._outputs, boxes.float(), objects, attention)
                     if owner is not None:
                         self._owner_losses.append(owner)
                 if self.owner_count_weight:
-                    count = self.owner_count_loss(self._outputs, boxes.float(), objects)
+                    count = self.owner_count_loss(self._outputs, boxes.float(), objects, attention)
                     if count is not None:
                         self._count_losses.append(count)
         finally:
             self._maps, self._outputs = None, None
+
+    def last_attention(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The learned queries' attention in the last cross-attention layer, averaged over
+        heads and detached: maps (per layer ``NxHx(Q+2)xT``) -> ``NxQxT``."""
+        return maps[-1][:, :, : self.num_queries].detach().float().mean(dim=1)
 
     def take_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """The passes recorded since the last call: ``(weighted total, {name: mean loss,
@@ -273,9 +293,53 @@ class BoxAttentionAid:
         owners[:, :first] = (cells * valid[..., None]).transpose(1, 2)[:, :first]
         return owners
 
-    def object_targets(self, objects: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def matched_owners(self, objects: torch.Tensor, counts: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Owners matched to the queries' attention: ``NxMx2x2`` object boxes (zero-padded),
+        ``N`` counts and ``NxQxT`` attention (:meth:`last_attention`) -> ``NxQxM`` 0/1.
+
+        Cost of query q owning object m: the squared distance, in cells, from q's cell
+        centre (cell ``q mod g*g``) to m's centre, less ``owner_match`` times q's attention
+        mass on m's patches (:meth:`inside_box_mask`). The cheapest (query, object) pair
+        of a row is matched first, then the cheapest of the free queries and unmatched
+        objects, until every object has its query (while queries are left).
+        """
+        n, m = objects.shape[:2]
+        g, s, q = self.grid, float(self.image_size), self.num_queries
+        whole = objects.new_tensor([[[0.0, 0.0], [s, s]]])
+        cells = self.query_cells(whole)[0]  # Qx2x2
+        cell_centres = (cells[:, 0] + cells[:, 1]) / 2 / s * g  # Qx2 in cells
+        centres = (objects[:, :, 0] + objects[:, :, 1]) / 2 / s * g  # NxMx2 in cells
+        dist = ((cell_centres[None, :, None] - centres[:, None]) ** 2).sum(-1)  # NxQxM
+        masks = self.inside_box_mask(objects.reshape(n * m, 2, 2), attention.shape[-1]).reshape(n, m, -1)
+        mass = attention.to(objects.dtype) @ masks.transpose(1, 2)  # NxQxM
+        valid = torch.arange(m, device=objects.device)[None] < counts[:, None]  # NxM
+        cost = (dist - self.owner_match * mass).masked_fill(~valid[:, None], float("inf"))
+        owners = objects.new_zeros(n, q, m)
+        rows = torch.arange(n, device=objects.device)
+        for _ in range(min(m, q)):
+            flat = cost.reshape(n, -1)
+            best = flat.argmin(dim=1)  # N
+            live = torch.isfinite(flat[rows, best])
+            pq, pm = best // m, best % m
+            owners[rows[live], pq[live], pm[live]] = 1.0
+            cost[rows[live], pq[live], :] = float("inf")  # the query is taken
+            cost[rows[live], :, pm[live]] = float("inf")  # the object has its owner
+        return owners
+
+    def owners(self, objects: torch.Tensor, counts: torch.Tensor,
+               attention: torch.Tensor | None = None) -> torch.Tensor:
+        """``NxQxM`` share of each object each query owns on whole images: matched to
+        ``attention`` (:meth:`matched_owners`) with ``owner_match`` and the attention
+        known, else :meth:`shared_owners` (with ``owner_ramp`` 0: :meth:`object_owners`)."""
+        if self.owner_match and attention is not None:
+            return self.matched_owners(objects, counts, attention)
+        return self.shared_owners(objects, counts)
+
+    def object_targets(self, objects: torch.Tensor, counts: torch.Tensor, num_tokens: int,
+                       attention: torch.Tensor | None = None) -> torch.Tensor:
         """One query per object on whole images: ``NxMx2x2`` object boxes (zero-padded)
-        and ``N`` counts -> ``NxQxT`` masks.
+        and ``N`` counts (and with ``owner_match`` the ``NxQxT`` attention of
+        :meth:`last_attention`) -> ``NxQxT`` masks.
 
         Query q owns cell ``q mod g*g`` of a g x g grid over the image. A query owning an
         object (:meth:`object_owners`) targets its patches (the whole object, also outside
@@ -292,14 +356,15 @@ class BoxAttentionAid:
         background = 1.0 - object_masks.amax(dim=1)  # NxT
         if num_tokens == self.grid_size[0] * self.grid_size[1] + 1:
             background[:, 0] = 0.0  # a kept CLS token is never a target
-        owner = (self.shared_owners(objects, counts) > 0).to(objects.dtype)  # NxQxM
+        owner = (self.owners(objects, counts, attention) > 0).to(objects.dtype)  # NxQxM
         owned = (owner @ object_masks).clamp(max=1.0)  # NxQxT
         empty_cell = cell_masks * background[:, None]  # NxQxT
         fallback = torch.where(background.sum(-1, keepdim=True)[:, None] > 0, background[:, None], cell_masks)
         out = torch.where(empty_cell.sum(-1, keepdim=True) > 0, empty_cell, fallback)
         return torch.where(owner.sum(-1, keepdim=True) > 0, owned, out)
 
-    def targets(self, boxes: torch.Tensor, num_tokens: int, objects: ObjectBoxes | None = None) -> torch.Tensor:
+    def targets(self, boxes: torch.Tensor, num_tokens: int, objects: ObjectBoxes | None = None,
+                attention: torch.Tensor | None = None) -> torch.Tensor:
         """Where each learned query should look: ``Nx2x2`` boxes -> ``NxQxT`` masks
         (its cell; for a near-full box with ``whole_image="free"`` the whole image, with
         ``"objects"`` and the row's object boxes known :meth:`object_targets`)."""
@@ -315,10 +380,12 @@ class BoxAttentionAid:
                 boxes_m, counts = objects
                 rows = (near_full & (counts > 0)).nonzero().flatten()
                 if len(rows):
-                    mask[rows] = self.object_targets(boxes_m[rows].to(mask.dtype), counts[rows], num_tokens)
+                    mask[rows] = self.object_targets(boxes_m[rows].to(mask.dtype), counts[rows], num_tokens,
+                                                     None if attention is None else attention[rows])
         return mask
 
-    def owner_loss(self, outputs: torch.Tensor, boxes: torch.Tensor, objects: ObjectBoxes) -> torch.Tensor | None:
+    def owner_loss(self, outputs: torch.Tensor, boxes: torch.Tensor, objects: ObjectBoxes,
+                   attention: torch.Tensor | None = None) -> torch.Tensor | None:
         """Binary cross-entropy of "this query owns an object" read from the first channel
         of each query's output, over the (near-)whole-image rows whose objects are known.
 
@@ -326,32 +393,33 @@ class BoxAttentionAid:
             outputs: ``NxQxD`` Q-Former outputs of the learned queries.
             boxes: ``Nx2x2`` in model pixels.
             objects: ``(NxMx2x2, N counts)``.
+            attention: ``NxQxT`` (:meth:`last_attention`), read with ``owner_match`` only.
         Returns:
             the mean over those rows' queries, or None when the batch has no such row.
         """
-        owned = self._whole_image_owners(boxes, objects)
+        owned = self._whole_image_owners(boxes, objects, attention)
         if owned is None:
             return None
         rows, owns = owned
         return nn.functional.binary_cross_entropy_with_logits(outputs[rows, :, 0].float(), owns)
 
-    def owner_count_loss(self, outputs: torch.Tensor, boxes: torch.Tensor,
-                         objects: ObjectBoxes) -> torch.Tensor | None:
+    def owner_count_loss(self, outputs: torch.Tensor, boxes: torch.Tensor, objects: ObjectBoxes,
+                         attention: torch.Tensor | None = None) -> torch.Tensor | None:
         """Squared difference between the number of owned objects and the sum of the
         queries' "owns an object" probabilities (sigmoid of the first output channel), over
         the (near-)whole-image rows whose objects are known.
 
         Args and return as :meth:`owner_loss`.
         """
-        owned = self._whole_image_owners(boxes, objects)
+        owned = self._whole_image_owners(boxes, objects, attention)
         if owned is None:
             return None
         rows, owns = owned
         said = outputs[rows, :, 0].float().sigmoid().sum(-1)  # R
         return ((said - owns.sum(-1)) ** 2).mean()
 
-    def _whole_image_owners(self, boxes: torch.Tensor,
-                            objects: ObjectBoxes) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _whole_image_owners(self, boxes: torch.Tensor, objects: ObjectBoxes,
+                            attention: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (near-)whole-image rows with known objects and how much of an object each
         of their queries owns: ``(R row indices, RxQ in [0, 1])`` (0/1 unless ``owner_ramp``
         shares objects), or None when there is no such row."""
@@ -359,18 +427,21 @@ class BoxAttentionAid:
         rows = (self.is_near_full(boxes) & (counts > 0)).nonzero().flatten()
         if not len(rows):
             return None
-        return rows, self.shared_owners(boxes_m[rows].float(), counts[rows]).sum(-1).clamp(max=1.0)
+        owners = self.owners(boxes_m[rows].float(), counts[rows], None if attention is None else attention[rows])
+        return rows, owners.sum(-1).clamp(max=1.0)
 
-    def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None) -> torch.Tensor:
+    def loss(self, maps: list[torch.Tensor], boxes: torch.Tensor, objects: ObjectBoxes | None = None,
+             attention: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over layers, heads and queries of ``-log`` (attention mass inside the target).
 
         Args:
             maps: per cross-attention layer ``NxHx(Q+2)xT`` (queries, then the 2 corners).
             boxes: ``Nx2x2`` in model pixels.
             objects: ``(NxMx2x2, N counts)`` object boxes of each row's image, or None.
+            attention: ``NxQxT`` (:meth:`last_attention`), read with ``owner_match`` only.
         """
         n, q, t = boxes.shape[0], self.num_queries, maps[0].shape[-1]
-        mask = self.targets(boxes, t, objects).reshape(n, 1, q, -1)
+        mask = self.targets(boxes, t, objects, attention).reshape(n, 1, q, -1)
         early = mask  # layers before the last object_layers: whole-image queries look anywhere
         if self.object_layers and objects is not None:
             early = self.targets(boxes, t, None).reshape(n, 1, q, -1)
