@@ -90,7 +90,9 @@ def read_owners(captioner: Captioner, items: Sequence[dict[str, Any]], grid: int
     """The owner channel's count on the whole-image items of ``items`` (the evaluation
     items of :mod:`click4caption.shapes.scoring`, ``meta`` with ``kind`` and ``objects``),
     summarised by :func:`summarise`; ``grid`` and ``ramp`` are the model's
-    ``box_attention_grid`` and ``box_attention_owner_ramp``."""
+    ``box_attention_grid`` and ``box_attention_owner_ramp``. For a model trained with
+    ``box_attention_owner_match`` the wrong queries are judged by the fixed rule (its
+    owners followed its attention in training); its count (``value``) is read as any."""
     from PIL import Image
 
     from click4caption.models.box_attention import BoxAttentionAid
