@@ -342,7 +342,7 @@ class BoxAttentionAid:
         :meth:`last_attention`) -> ``NxQxT`` masks.
 
         Query q owns cell ``q mod g*g`` of a g x g grid over the image. A query owning an
-        object (:meth:`object_owners`) targets its patches (the whole object, also outside
+        object (:meth:`owners`) targets its patches (the whole object, also outside
         the cell); any other query targets its cell's background (its patches outside
         every object), or when it has none, the image's background (or, with none, the cell).
         """
