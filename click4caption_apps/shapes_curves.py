@@ -125,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     for f in files:
         captioner, iteration, model_cfg = load_captioner(f, args.llm_dir)
         with tempfile.TemporaryDirectory() as tmp:
-            scores = evaluate_shapes(captioner, args.seed, args.scenes, Path(tmp), generator=args.generator)
+            items = make_items(args.generator, args.seed, args.scenes, Path(tmp) / "images")
+            scores = evaluate_shapes(captioner, args.seed, args.scenes, Path(tmp), generator=args.generator,
+                                     items=items)
             owners = None
             if args.owners:
                 from click4caption.shapes.owners import read_owners
 
-                items = make_items(args.generator, args.seed, args.scenes, Path(tmp) / "owners")
                 ramp = args.ramp if args.ramp is not None else model_cfg.box_attention_owner_ramp
                 owners = read_owners(captioner, items, grids[f], ramp)
         name = f"{iteration:,}" if iteration is not None else f.name

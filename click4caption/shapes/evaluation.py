@@ -52,7 +52,7 @@ def make_items(generator: str, seed: int, scenes: int, image_dir: Path) -> list[
 
 
 def evaluate_shapes(captioner: Captioner, seed: int, scenes: int, out: Path, followups: bool = True,
-                    generator: str = "shapes") -> dict[str, dict[str, Any]]:
+                    generator: str = "shapes", items: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Score ``captioner`` on ``scenes`` fresh scenes (7 questions each, plus two
     follow-up conversations each unless ``followups`` is off).
 
@@ -65,12 +65,14 @@ def evaluate_shapes(captioner: Captioner, seed: int, scenes: int, out: Path, fol
     ``inference.py --batch_file`` does; follow-up conversations go through :meth:`Captioner.ask` with a
     shared conversation, as the demo does. Writes ``items.jsonl`` (the CLI's batch
     input), ``followups.jsonl`` and ``results.jsonl`` (answers plus ``expected`` and
-    ``kind``) under ``out``.
+    ``kind``) under ``out``. ``items``: the one-turn items of :func:`make_items` for the
+    same arguments, where the caller made them already (they are not drawn again).
     """
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    items = make_items(generator, seed, scenes, out / "images")
+    if items is None:
+        items = make_items(generator, seed, scenes, out / "images")
     use_followups = followups and generator == "shapes"
     conversations = make_followup_items(seed, scenes, out / "images") if use_followups else []
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
