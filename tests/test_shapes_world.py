@@ -632,34 +632,3 @@ def test_varied_training_scenes_follow_the_spec() -> None:
             ax, ay, aw, ah = a.box
             bx, by, bw, bh = b.box
             assert ax + aw + 4 <= bx or bx + bw + 4 <= ax or ay + ah + 4 <= by or by + bh + 4 <= ay
-
-
-def test_line_layout_puts_the_objects_on_one_line() -> None:
-    """Scenes laid out by "line" keep the spec and their objects' centres lie near one line
-    (the smallest principal spread of the centres), unlike world's random placement."""
-    from click4caption.shapes.variety import relayout
-    from click4caption.shapes.world import sample_scene
-
-    def off_line(scene) -> float:  # RMS distance of the centres from their best line, / min(W, H)
-        c = np.array([[o.box[0] + o.box[2] / 2, o.box[1] + o.box[3] / 2] for o in scene.objects])
-        s = np.linalg.svd(c - c.mean(0), compute_uv=False)
-        return float(s[-1] / np.sqrt(len(c)) / min(scene.width, scene.height))
-
-    rng = np.random.default_rng(5)
-    line, world = [], []
-    while len(line) < 30:
-        scene = sample_scene(rng, 4)
-        if len(scene.objects) < 3:
-            continue
-        moved = relayout(scene, rng, "line")
-        if moved is scene:
-            continue
-        assert sorted((o.shape, o.color, o.size) for o in moved.objects) == sorted(
-            (o.shape, o.color, o.size) for o in scene.objects)
-        for a, b in itertools.combinations(moved.objects, 2):
-            ax, ay, aw, _ = a.box
-            bx, by, bw, _ = b.box
-            assert ax + aw + 4 <= bx or bx + bw + 4 <= ax or ay + aw + 4 <= by or by + bw + 4 <= ay
-        line.append(off_line(moved))
-        world.append(off_line(scene))
-    assert max(line) < 0.2 and np.mean(line) < 0.5 * np.mean(world)

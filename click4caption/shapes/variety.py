@@ -7,7 +7,7 @@ channel or over the objects too). A model trained only on :mod:`click4caption.sh
 learns its habits; scenes drawn by another program that follows the page must be
 described as well. :func:`draw_varied_scene` draws a scene as ``world`` does (same
 attributes and sizes, same language), then may lay the objects out differently
-(packed together, along the borders, or along a line at any angle) and draws them in a style drawn per scene.
+(packed together, or along the borders) and draws them in a style drawn per scene.
 Every scene still obeys the page (``tests/test_shapes_world.py`` checks it).
 """
 
@@ -30,14 +30,7 @@ from click4caption.shapes.world import (
 )
 
 #: layout -> probability; "world" keeps world's uniform random placement
-LAYOUTS: dict[str, float] = {"world": 0.3, "packed": 0.25, "borders": 0.2, "line": 0.25}
-#: "line": how far an object's centre lies off the line (std, share of min(W, H))
-LINE_SPREAD = 0.06
-#: "line": whole layouts tried (each on a new line) before the scene is kept as it was
-LINE_TRIES = 2
-#: "line": scenes with the same number of objects drawn until one fits on a line (4-5
-#: objects mostly fit only when most are small); the last is kept as world drew it
-LINE_SCENES = 30
+LAYOUTS: dict[str, float] = {"world": 0.4, "packed": 0.3, "borders": 0.3}
 
 
 @dataclass(frozen=True)
@@ -69,38 +62,9 @@ def _apart(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
     return ax + aside + MIN_GAP <= bx or bx + bside + MIN_GAP <= ax or ay + aside + MIN_GAP <= by or by + bside + MIN_GAP <= ay
 
 
-def _line(rng: np.random.Generator, width: int, height: int) -> tuple[float, float, float, float]:
-    """A line through the canvas: ``(cx, cy, dx, dy)``, a point near the middle and a unit
-    direction at an angle drawn uniformly (rows, columns and diagonals alike)."""
-    angle = float(rng.uniform(0.0, math.pi))
-    cx = float(rng.uniform(0.3, 0.7)) * width
-    cy = float(rng.uniform(0.3, 0.7)) * height
-    return cx, cy, math.cos(angle), math.sin(angle)
-
-
-def _chord(cx: float, cy: float, dx: float, dy: float, pad: float, width: int, height: int) -> tuple[float, float]:
-    """The range of t for which ``(cx, cy) + t (dx, dy)`` stays ``pad`` px inside the canvas."""
-    lo, hi = -math.inf, math.inf
-    for c, d, size in ((cx, dx, width), (cy, dy, height)):
-        if abs(d) < 1e-9:
-            continue
-        a, b = (pad - c) / d, (size - pad - c) / d
-        lo, hi = max(lo, min(a, b)), min(hi, max(a, b))
-    return (lo, hi) if lo <= hi else (0.0, 0.0)
-
-
 def _candidate(rng: np.random.Generator, layout: str, side: int, width: int, height: int,
-               placed: list[tuple[int, int, int]],
-               line: tuple[float, float, float, float] | None = None) -> tuple[int, int]:
+               placed: list[tuple[int, int, int]]) -> tuple[int, int]:
     hi_x, hi_y = width - BORDER_MARGIN - side, height - BORDER_MARGIN - side
-    if layout == "line" and line is not None:  # centre somewhere on the line, a few px off it
-        cx, cy, dx, dy = line
-        lo, hi = _chord(cx, cy, dx, dy, side / 2 + BORDER_MARGIN, width, height)
-        along = float(rng.uniform(lo, hi))
-        off = float(rng.normal(0.0, LINE_SPREAD * min(width, height)))
-        x = cx + along * dx - off * dy - side / 2
-        y = cy + along * dy + off * dx - side / 2
-        return int(round(x)), int(round(y))
     if layout == "packed" and placed:  # next to an object already placed, a few px away
         x0, y0, s0 = placed[int(rng.integers(len(placed)))]
         gap = MIN_GAP + int(rng.integers(0, 9))
@@ -121,30 +85,20 @@ def relayout(scene: Scene, rng: np.random.Generator, layout: str) -> Scene:
     if layout == "world":
         return scene
     objects = sorted(scene.objects, key=lambda o: -o.box[2])
-    for _ in range(LINE_TRIES if layout == "line" else 1):
-        line = _line(rng, scene.width, scene.height) if layout == "line" else None
-        placed = _place(rng, layout, [o.box[2] for o in objects], scene.width, scene.height, line)
-        if placed is not None:
-            moved = [replace(o, box=(x, y, side, side)) for o, (x, y, side) in zip(objects, placed, strict=True)]
-            return replace(scene, objects=moved)
-    return scene
-
-
-def _place(rng: np.random.Generator, layout: str, sides: list[int], width: int, height: int,
-           line: tuple[float, float, float, float] | None) -> list[tuple[int, int, int]] | None:
-    """``(x, y, side)`` for each side in turn under ``layout``, or None when one does not fit."""
     placed: list[tuple[int, int, int]] = []
-    for side in sides:
+    for obj in objects:
+        side = obj.box[2]
         for _ in range(PLACEMENT_TRIES):
-            x, y = _candidate(rng, layout, side, width, height, placed, line)
-            inside = (BORDER_MARGIN <= x <= width - BORDER_MARGIN - side
-                      and BORDER_MARGIN <= y <= height - BORDER_MARGIN - side)
+            x, y = _candidate(rng, layout, side, scene.width, scene.height, placed)
+            inside = (BORDER_MARGIN <= x <= scene.width - BORDER_MARGIN - side
+                      and BORDER_MARGIN <= y <= scene.height - BORDER_MARGIN - side)
             if inside and all(_apart((x, y, side), p) for p in placed):
                 placed.append((x, y, side))
                 break
         else:
-            return None
-    return placed
+            return scene
+    moved = [replace(o, box=(x, y, side, side)) for o, (x, y, side) in zip(objects, placed, strict=True)]
+    return replace(scene, objects=moved)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -207,18 +161,11 @@ def render_styled(scene: Scene, style: Style, rng: np.random.Generator) -> Image
 def draw_varied_scene(rng: np.random.Generator, num_objects: int | None = None,
                       variety: float = 1.0) -> tuple[Image.Image, Scene]:
     """A scene as :func:`click4caption.shapes.world.draw_scene` samples it; with probability
-    ``variety`` laid out and drawn in a style drawn for it, else drawn as ``world`` draws.
-    A scene whose objects do not fit on a line is drawn again with as many objects (up to
-    LINE_SCENES times), so lines of 4-5 objects, mostly small ones, are not rare."""
+    ``variety`` laid out and drawn in a style drawn for it, else drawn as ``world`` draws."""
     scene = sample_scene(rng, num_objects)
     if rng.random() >= variety:
         return render_scene(scene, rng), scene
     names = list(LAYOUTS)
     layout = names[int(rng.choice(len(names), p=list(LAYOUTS.values())))]
-    moved = relayout(scene, rng, layout)
-    for _ in range(LINE_SCENES - 1 if layout == "line" else 0):
-        if moved is not scene:
-            break
-        scene = sample_scene(rng, len(scene.objects))
-        moved = relayout(scene, rng, layout)
-    return render_styled(moved, draw_style(rng), rng), moved
+    scene = relayout(scene, rng, layout)
+    return render_styled(scene, draw_style(rng), rng), scene
