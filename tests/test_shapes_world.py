@@ -632,3 +632,28 @@ def test_varied_training_scenes_follow_the_spec() -> None:
             ax, ay, aw, ah = a.box
             bx, by, bw, bh = b.box
             assert ax + aw + 4 <= bx or bx + bw + 4 <= ax or ay + ah + 4 <= by or by + bh + 4 <= ay
+
+
+def test_small_multiplies_the_shape_naming_questions_of_small_objects_only() -> None:
+    from click4caption.shapes.world import ShapeObject
+    from click4caption.shapes.writers import InstructMix, scene_tasks
+
+    objects = [ShapeObject("star", "red", "small", (10, 10, 40, 40), (220, 40, 40)),
+               ShapeObject("circle", "blue", "large", (80, 80, 90, 90), (40, 80, 220))]
+    scene = world.Scene(256, 256, 130, 0.0, objects)
+    base = dict(describe=0.5, color=0.5, shape=0.5, size=0.5, same_color=0, same_shape=0, whole=0)
+
+    def asked(mix: InstructMix) -> dict[tuple[int, str], int]:
+        out: dict[tuple[int, str], int] = {}
+        for seed in range(400):
+            for t in scene_tasks(scene, np.random.default_rng(seed), mix):
+                key = (t["objects"][0], t["kind"])
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    plain, boosted = asked(InstructMix(**base)), asked(InstructMix(**base, small=4.0))
+    for kind in ("describe", "shape"):  # 0.5 -> 2 per scene for the small star
+        assert 160 <= plain[(0, kind)] <= 240 and boosted[(0, kind)] == 800
+        assert 160 <= boosted[(1, kind)] <= 240  # the large circle as before
+    for kind in ("color", "size"):
+        assert 160 <= boosted[(0, kind)] <= 240

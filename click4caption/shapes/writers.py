@@ -198,6 +198,8 @@ class InstructMix:
     (:mod:`click4caption.shapes.dialogue`: ``it``, ``they``, ``image N``, ``the first
     one``); 0 writes none. ``hard_no`` is the share of same-shape No pairs drawn among
     pairs of easily confused shapes (:data:`CONFUSED_SHAPES`) where the scene has one.
+    ``small`` multiplies the ``describe`` and ``shape`` questions about small objects
+    (the kinds that name a shape; a small object's shape is the hardest to read).
     """
 
     describe: float = 1.0
@@ -211,6 +213,7 @@ class InstructMix:
     turns_per_record: int = 1
     followups: float = 0.0
     hard_no: float = 0.0
+    small: float = 1.0
 
     def __post_init__(self) -> None:
         if self.turns_per_record < 1:
@@ -221,6 +224,9 @@ class InstructMix:
         if self.hard_no > 1:
             raise ValueError(f"hard_no is a share, at most 1, got {self.hard_no}")
 
+
+#: the per-object kinds that InstructMix.small multiplies for small objects
+SMALL_BOOSTED = ("describe", "shape")
 
 #: shape pairs the shapes model calls "the same shape" most often (models/shapes/REPORT.md,
 #: run 7's same-shape errors, both generators: 55 of its 62 wrong "Yes." on these four pairs)
@@ -260,7 +266,8 @@ def scene_tasks(scene: Scene, rng: np.random.Generator, mix: InstructMix) -> lis
     tasks: list[dict[str, Any]] = []
     for i, obj in enumerate(scene.objects):
         for kind, text in SINGLE_QUESTIONS.items():
-            for _ in range(_draw_count(rng, getattr(mix, kind))):
+            boost = mix.small if obj.size == "small" and kind in SMALL_BOOSTED else 1.0
+            for _ in range(_draw_count(rng, getattr(mix, kind) * boost)):
                 tasks.append({"kind": kind, "objects": [i], "question": text, "answer": single_answer(kind, obj)})
     for kind, text in PAIR_QUESTIONS.items():
         yes, no = find_pairs(scene, kind, "Yes."), find_pairs(scene, kind, "No.")
