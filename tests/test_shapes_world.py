@@ -635,11 +635,10 @@ def test_varied_training_scenes_follow_the_spec() -> None:
 
 
 def test_small_multiplies_the_shape_naming_questions_of_small_objects_only() -> None:
-    from click4caption.shapes.world import ShapeObject
     from click4caption.shapes.writers import InstructMix, scene_tasks
 
-    objects = [ShapeObject("star", "red", "small", (10, 10, 40, 40), (220, 40, 40)),
-               ShapeObject("circle", "blue", "large", (80, 80, 90, 90), (40, 80, 220))]
+    objects = [world.ShapeObject("star", "red", "small", (10, 10, 40, 40), (220, 40, 40)),
+               world.ShapeObject("circle", "blue", "large", (80, 80, 90, 90), (40, 80, 220))]
     scene = world.Scene(256, 256, 130, 0.0, objects)
     base = dict(describe=0.5, color=0.5, shape=0.5, size=0.5, same_color=0, same_shape=0, whole=0)
 
