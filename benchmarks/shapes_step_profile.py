@@ -1,6 +1,6 @@
 """Where a training step of the shipped shapes recipe spends its time.
 
-``python benchmarks/shapes_step_profile.py [--steps 300] [--work DIR]`` draws the recipe's
+``python benchmarks/shapes_step_profile.py [--steps 300] [--work DIR] [--options KEY=VALUE ...]`` draws the recipe's
 training data (or reuses it under ``--work``), builds the trainer on
 ``train_configs/shapes_train.yaml`` and runs real steps from the recipe's data stream,
 timing per source: building the batch, forward, backward and the optimizer step; then,
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="training steps to time (after 300 warm-up-free steps)")
     p.add_argument("--work", default="/tmp/shapes_step_profile", help="folder for the data and LLM config")
+    p.add_argument("--options", nargs="+", default=[], help="config overrides, key=value (e.g. model.num_query_token=32)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from click4caption.config import load_config
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from click4caption.paths import PROJECT_ROOT
     from click4caption.training.loop import Trainer
 
-    cfg = load_config(PROJECT_ROOT / "train_configs" / "shapes_train.yaml", prepare(Path(args.work)))
+    cfg = load_config(PROJECT_ROOT / "train_configs" / "shapes_train.yaml", prepare(Path(args.work)) + args.options)
     trainer = Trainer(cfg, "profile")
     trainer.setup()
     model = trainer.model

@@ -134,6 +134,11 @@ class ModelConfig:
     # its attention mass on the object in that pass, so that near a cell border the
     # neighbour already looking at the object owns it (0 = the fixed rule)
     box_attention_owner_match: float = 0.0
+    # with "objects": the order objects are given to their queries in: "given" (the data's)
+    # or "left_to_right" (by centre), so that with two queries per cell (num_query_token
+    # twice the grid's cells) the leftmost object of a cell is its first query's
+    box_attention_owner_order: str = one_of("given", ("given", "left_to_right"),
+                                            "the order objects are given to their queries in")
 
 
 @dataclass
