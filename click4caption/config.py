@@ -134,6 +134,10 @@ class ModelConfig:
     # its attention mass on the object in that pass, so that near a cell border the
     # neighbour already looking at the object owns it (0 = the fixed rule)
     box_attention_owner_match: float = 0.0
+    # with box_attention_owner_weight: gamma of a focal factor (1 - p_t)^gamma on each
+    # query's owner term, so that the hard decisions (objects near a cell border) weigh more
+    # than the many easy background queries (0 = plain binary cross-entropy)
+    box_attention_owner_focal: float = 0.0
     # with "objects": the order objects are given to their queries in: "given" (the data's)
     # or "left_to_right" (by centre), so that with two queries per cell (num_query_token
     # twice the grid's cells) the leftmost object of a cell is its first query's

@@ -102,6 +102,19 @@ def test_owner_loss_reads_the_first_channel_of_whole_image_rows() -> None:
     assert float(total) == pytest.approx(float(parts["box_attention_loss"]) + 0.5 * expected, rel=1e-6)
     with pytest.raises(ConfigError, match="owner_weight"):
         BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="free", owner_weight=0.5)
+    # owner_focal gamma = 2 weighs each term by (1 - p_t)^2: query 0's confident wrong "yes"
+    # (p 0.88, target 0) keeps 0.77 of its term, queries 1 and 2's right answers (p_t 0.73) 0.07
+    focal = BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="objects", owner_weight=0.5, owner_focal=2.0)
+
+    def p_target(x: float, y: int) -> float:
+        p = 1 / (1 + math.exp(-x))
+        return p if y else 1 - p
+
+    expected_focal = sum((1 - p_target(x, y)) ** 2 * bce(x, y) for x, y in zip(logits, [0, 1, 0, 0])) / 4
+    assert float(focal.owner_loss(outputs, boxes, objects)) == pytest.approx(expected_focal, rel=1e-6)
+    assert (1 - p_target(2.0, 0)) ** 2 == pytest.approx(0.7758, abs=1e-4)
+    with pytest.raises(ConfigError, match="owner_focal"):
+        BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="objects", owner_focal=2.0)
 
 
 def test_owner_count_loss_makes_the_owner_answers_add_up_to_the_count() -> None:

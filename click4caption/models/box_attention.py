@@ -20,7 +20,9 @@ lie: a first layer's queries read no image yet). With ``owner_weight`` > 0 the q
 must also say so: the first channel of each query's Q-Former output is read as the logit
 of "I own an object" and trained with binary cross-entropy on those rows, so that the LLM
 only has to add up (no parameter is added: the output LayerNorm's scale and shift of that
-channel act as the logit's). With ``owner_count_weight`` > 0 the queries' answers must
+channel act as the logit's); with ``owner_focal`` gamma > 0 each query's term is weighed by
+``(1 - p_t)^gamma`` (the focal loss of dense detectors), so that the few hard decisions,
+objects near a cell border, weigh more than the many easy background queries. With ``owner_count_weight`` > 0 the queries' answers must
 also add up to the count: the squared difference between the sum of their probabilities
 and the number of owned objects, so that an object whose centre lies near a cell border is
 claimed once over the neighbouring queries, not by both or by neither. With ``owner_ramp``
@@ -94,12 +96,14 @@ class BoxAttentionAid:
             (:meth:`matched_owners`); 0: the fixed rule. Not with ``owner_ramp``.
         owner_order: with ``"objects"``: the order :meth:`object_owners` gives objects out
             in, ``"given"`` (the data's) or ``"left_to_right"`` (by centre x, then y).
+        owner_focal: with ``owner_weight``: gamma >= 0 of the owner loss's focal factor
+            ``(1 - p_t)^gamma``; 0: plain binary cross-entropy.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
                  image_size: int, whole_image: str = "cells", owner_weight: float = 0.0,
                  object_layers: int = 0, owner_count_weight: float = 0.0, owner_ramp: float = 0.0,
-                 owner_match: float = 0.0, owner_order: str = "given") -> None:
+                 owner_match: float = 0.0, owner_order: str = "given", owner_focal: float = 0.0) -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
@@ -119,6 +123,9 @@ class BoxAttentionAid:
         if owner_order not in OWNER_ORDERS:
             raise ConfigError(f"box attention: owner_order must be one of {', '.join(OWNER_ORDERS)}, "
                               f"got {owner_order!r}")
+        if owner_focal < 0 or (owner_focal and not owner_weight):
+            raise ConfigError(f"box attention: owner_focal must be >= 0 and needs owner_weight > 0, got {owner_focal}")
+        self.owner_focal = owner_focal
         self.owner_order = owner_order
         self.object_layers = object_layers
         self.owner_ramp = owner_ramp
@@ -410,7 +417,9 @@ class BoxAttentionAid:
     def owner_loss(self, outputs: torch.Tensor, boxes: torch.Tensor, objects: ObjectBoxes,
                    attention: torch.Tensor | None = None) -> torch.Tensor | None:
         """Binary cross-entropy of "this query owns an object" read from the first channel
-        of each query's output, over the (near-)whole-image rows whose objects are known.
+        of each query's output, over the (near-)whole-image rows whose objects are known
+        (with ``owner_focal`` gamma each term times ``(1 - p_t)^gamma``, ``p_t = y p + (1 - y)
+        (1 - p)`` the probability given to the target y).
 
         Args:
             outputs: ``NxQxD`` Q-Former outputs of the learned queries.
@@ -424,7 +433,13 @@ class BoxAttentionAid:
         if owned is None:
             return None
         rows, owns = owned
-        return nn.functional.binary_cross_entropy_with_logits(outputs[rows, :, 0].float(), owns)
+        logits = outputs[rows, :, 0].float()
+        if not self.owner_focal:
+            return nn.functional.binary_cross_entropy_with_logits(logits, owns)
+        terms = nn.functional.binary_cross_entropy_with_logits(logits, owns, reduction="none")
+        p = logits.sigmoid()
+        p_target = owns * p + (1 - owns) * (1 - p)
+        return ((1 - p_target) ** self.owner_focal * terms).mean()
 
     def owner_count_loss(self, outputs: torch.Tensor, boxes: torch.Tensor, objects: ObjectBoxes,
                          attention: torch.Tensor | None = None) -> torch.Tensor | None:

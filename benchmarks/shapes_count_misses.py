@@ -1,0 +1,106 @@
+"""Where the shapes model's whole-image count goes wrong, from one evaluation's answers.
+
+``python evaluate.py shapes --generator heldout --scenes 200 --out DIR`` then
+``python benchmarks/shapes_count_misses.py DIR --generator heldout --scenes 200`` draws the
+same scenes again (same seed, generator and number: the items are deterministic), reads the
+answers in ``DIR/results.jsonl`` and splits the whole-image descriptions (count word right,
+too few, too many) by:
+
+- the true count;
+- the held-out generator's layout (scene k is drawn with layout k mod 4);
+- how many objects have their centre within ``--band`` cells (default 0.1) of an inner
+  line of the g x g grid of ``box_attention_grid`` (where the rule "the query of the cell
+  holding the centre owns the object" flips);
+- the most centres in one cell (a cell's second object must be claimed by a neighbour).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def centres_in_cells(objects: list[dict[str, Any]], width: float, height: float, grid: int) -> list[tuple[float, float]]:
+    """Object centres in cells of a g x g grid over the image: boxes ``[x, y, w, h]``
+    (``ShapeObject.box``) in a ``width x height`` image -> ``(x, y)`` in ``[0, g]``."""
+    return [((o["box"][0] + o["box"][2] / 2) / width * grid, (o["box"][1] + o["box"][3] / 2) / height * grid)
+            for o in objects]
+
+
+def near_lines(centres: list[tuple[float, float]], grid: int, band: float) -> int:
+    """How many centres lie within ``band`` cells of an inner grid line (along x or y)."""
+    def near(v: float) -> bool:
+        return any(abs(v - line) < band for line in range(1, grid))
+
+    return sum(near(x) or near(y) for x, y in centres)
+
+
+def most_in_one_cell(centres: list[tuple[float, float]], grid: int) -> int:
+    """The most centres that fall in one cell."""
+    return max(Counter((min(grid - 1, int(y)), min(grid - 1, int(x))) for x, y in centres).values())
+
+
+def tally(items: list[dict[str, Any]], results: list[dict[str, Any]], generator: str, grid: int,
+          band: float) -> dict[tuple[str, Any], Counter]:
+    """``(split, value) -> Counter(scenes, right, under, over)`` over the whole-image items."""
+    from click4caption.shapes.heldout import LAYOUTS
+    from click4caption.shapes.world import COUNT_WORDS
+
+    words = {w: n for n, w in COUNT_WORDS.items()}
+    table: dict[tuple[str, Any], Counter] = {}
+    for item, result in zip(items, results, strict=True):
+        meta = item["meta"]
+        if meta["kind"] != "whole":
+            continue
+        said = words.get(result["answer"].split(" ")[0].lower().rstrip(":,."), -1)
+        outcome = "right" if said == meta["count"] else "under" if 0 <= said < meta["count"] else "over"
+        centres = centres_in_cells(meta["objects"], item["boxes"][0][2], item["boxes"][0][3], grid)
+        keys: list[tuple[str, Any]] = [("all", ""), ("true count", meta["count"]),
+                                       (f"centres within {band} cell of a line", near_lines(centres, grid, band)),
+                                       ("most centres in one cell", most_in_one_cell(centres, grid))]
+        if generator == "heldout":
+            keys.append(("layout", LAYOUTS[meta["scene"] % len(LAYOUTS)]))
+        for key in keys:
+            table.setdefault(key, Counter()).update(["scenes", outcome])
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from click4caption.shapes.evaluation import DEFAULT_EVAL_SEED, GENERATORS, make_items
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", help="the --out folder of `evaluate.py shapes`")
+    p.add_argument("--generator", choices=GENERATORS, default="shapes")
+    p.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED)
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--grid", type=int, default=4, help="g of the g x g grid (box_attention_grid)")
+    p.add_argument("--band", type=float, default=0.1, help="cells from a grid line that count as near it")
+    args = p.parse_args(argv)
+    results_file = Path(args.results) / "results.jsonl"
+    if not results_file.is_file():
+        print(f"error: no {results_file} (run `python evaluate.py shapes --out {args.results}` first)", file=sys.stderr)
+        return 2
+    results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        items = make_items(args.generator, args.seed, args.scenes, Path(tmp))
+    if len(items) != len(results) or any(i["question"] != r["question"] for i, r in zip(items, results)):
+        print(f"error: {results_file} does not hold the items of --generator {args.generator} --seed {args.seed} "
+              f"--scenes {args.scenes}", file=sys.stderr)
+        return 2
+    table = tally(items, results, args.generator, args.grid, args.band)
+    print(f"whole-image count, {args.generator} generator, seed {args.seed}, {args.grid} x {args.grid} cells")
+    print("| scenes by | value | scenes | count right | too few | too many |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (split, value), c in sorted(table.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0], str(kv[0][1]))):
+        print(f"| {split} | {value} | {c['scenes']} | {100 * c['right'] / c['scenes']:.1f} % | {c['under']} | {c['over']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
