@@ -138,11 +138,6 @@ class ModelConfig:
     # query's owner term, so that the hard decisions (objects near a cell border) weigh more
     # than the many easy background queries (0 = plain binary cross-entropy)
     box_attention_owner_focal: float = 0.0
-    # with "objects": the order objects are given to their queries in: "given" (the data's)
-    # or "left_to_right" (by centre), so that with two queries per cell (num_query_token
-    # twice the grid's cells) the leftmost object of a cell is its first query's
-    box_attention_owner_order: str = one_of("given", ("given", "left_to_right"),
-                                            "the order objects are given to their queries in")
 
 
 @dataclass

@@ -181,28 +181,6 @@ def test_owner_ramp_shares_an_object_near_a_cell_border_between_its_cells() -> N
         BoxAttentionAid(1.0, 2, 4, (2, 2), 32, whole_image="cells", owner_ramp=0.5)
 
 
-def test_two_queries_per_cell_own_two_objects_of_a_cell_left_to_right() -> None:
-    """2 x 2 cells of 16 px and 8 queries: query q looks at cell q mod 4, so each cell has
-    two. A (centre 10, 4), B (4, 10) and C (13, 11) all lie in cell 0. Given out left to
-    right (B, A, C) B gets the cell's first query (0), A its second (4), and C, with both
-    taken, the free query whose cell centre is nearest: cell 1's (24, 8) at 130 px^2
-    against cell 2's (8, 24) at 194. In the data's order (A, B, C) A and B swap. A second
-    row lists C, A and a zero-padded slot (count 2): the padding is never given out."""
-    a_box, b_box, c_box = [[8.0, 2.0], [12.0, 6.0]], [[2.0, 8.0], [6.0, 12.0]], [[11.0, 9.0], [15.0, 13.0]]
-    objects = (torch.tensor([[a_box, b_box, c_box], [c_box, a_box, [[0.0, 0.0], [0.0, 0.0]]]]), torch.tensor([3, 2]))
-    ordered = BoxAttentionAid(1.0, 2, 8, (2, 2), 32, whole_image="objects", owner_order="left_to_right")
-    given = BoxAttentionAid(1.0, 2, 8, (2, 2), 32, whole_image="objects")
-
-    def owner_of(owners: torch.Tensor) -> list[list[int]]:  # per row: each object's query, -1 none
-        return [[int(col.argmax()) if col.any() else -1 for col in row.T] for row in owners]
-
-    assert owner_of(ordered.object_owners(*objects)) == [[4, 0, 1], [4, 0, -1]]
-    assert owner_of(given.object_owners(*objects)) == [[0, 4, 1], [0, 4, -1]]
-    assert ordered.object_owners(*objects).sum(dim=(1, 2)).tolist() == [3, 2]
-    with pytest.raises(ConfigError, match="owner_order"):
-        BoxAttentionAid(1.0, 2, 8, (2, 2), 32, whole_image="objects", owner_order="by_size")
-
-
 def test_owner_match_gives_a_border_object_to_the_query_that_looks_at_it() -> None:
     """2 x 2 cells of 16 px, b = 1. Object A's centre (16.5, 8) is (1.03, 0.5) cells, just
     right of the border: the fixed rule gives it to query 1 (squared distance 0.2197 against

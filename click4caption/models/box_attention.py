@@ -22,8 +22,8 @@ of "I own an object" and trained with binary cross-entropy on those rows, so tha
 only has to add up (no parameter is added: the output LayerNorm's scale and shift of that
 channel act as the logit's); with ``owner_focal`` gamma > 0 each query's term is weighed by
 ``(1 - p_t)^gamma`` (the focal loss of dense detectors), so that the few hard decisions,
-objects near a cell border, weigh more than the many easy background queries. With ``owner_count_weight`` > 0 the queries' answers must
-also add up to the count: the squared difference between the sum of their probabilities
+objects near a cell border, weigh more than the many easy background queries. With
+``owner_count_weight`` > 0 the queries' answers must also add up to the count: the squared difference between the sum of their probabilities
 and the number of owned objects, so that an object whose centre lies near a cell border is
 claimed once over the neighbouring queries, not by both or by neither. With ``owner_ramp``
 w > 0 ownership itself is shared near cell borders: an object's centre is spread over a
@@ -36,12 +36,7 @@ distance (in cells) from the query's cell centre to the object's centre less b t
 query's attention mass on the object's patches in the last cross-attention layer of this
 very pass (detached), cheapest (query, object) pair first. Far from a border the geometry
 decides; near one, whichever neighbour already looks at the object owns it, so the target
-follows the model instead of flipping where the model cannot see a difference. With more
-queries than cells (Q = k * g*g) each cell has k queries, so the k objects whose centres
-share a cell each get one of the cell's own queries; with ``owner_order`` "left_to_right"
-the objects are given out from left to right (by centre), so which of a cell's queries
-owns which object is a rule the queries can learn (the leftmost the cell's first query)
-rather than the order in which the data lists them.
+follows the model instead of flipping where the model cannot see a difference.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -65,8 +60,6 @@ ATTN_IMPLEMENTATION = "eager"
 ObjectBoxes = Tuple[torch.Tensor, torch.Tensor]
 #: what the queries of a (near-)whole-image box target (``box_attention_whole_image``)
 WHOLE_IMAGE_TARGETS = ("cells", "free", "objects")
-#: the order objects are given to their queries in (``box_attention_owner_order``)
-OWNER_ORDERS = ("given", "left_to_right")
 
 
 class BoxAttentionAid:
@@ -94,8 +87,6 @@ class BoxAttentionAid:
             one query of :meth:`object_owners`.
         owner_match: with ``"objects"``: b > 0 matches owners to the queries' own attention
             (:meth:`matched_owners`); 0: the fixed rule. Not with ``owner_ramp``.
-        owner_order: with ``"objects"``: the order :meth:`object_owners` gives objects out
-            in, ``"given"`` (the data's) or ``"left_to_right"`` (by centre x, then y).
         owner_focal: with ``owner_weight``: gamma >= 0 of the owner loss's focal factor
             ``(1 - p_t)^gamma``; 0: plain binary cross-entropy.
     """
@@ -103,7 +94,7 @@ class BoxAttentionAid:
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
                  image_size: int, whole_image: str = "cells", owner_weight: float = 0.0,
                  object_layers: int = 0, owner_count_weight: float = 0.0, owner_ramp: float = 0.0,
-                 owner_match: float = 0.0, owner_order: str = "given", owner_focal: float = 0.0) -> None:
+                 owner_match: float = 0.0, owner_focal: float = 0.0) -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
@@ -120,13 +111,9 @@ class BoxAttentionAid:
         if owner_match < 0 or (owner_match and (whole_image != "objects" or grid <= 0 or owner_ramp)):
             raise ConfigError("box attention: owner_match must be >= 0 and needs whole_image 'objects', a grid > 0 "
                               f"and no owner_ramp, got {owner_match}")
-        if owner_order not in OWNER_ORDERS:
-            raise ConfigError(f"box attention: owner_order must be one of {', '.join(OWNER_ORDERS)}, "
-                              f"got {owner_order!r}")
         if owner_focal < 0 or (owner_focal and not owner_weight):
             raise ConfigError(f"box attention: owner_focal must be >= 0 and needs owner_weight > 0, got {owner_focal}")
         self.owner_focal = owner_focal
-        self.owner_order = owner_order
         self.object_layers = object_layers
         self.owner_ramp = owner_ramp
         self.owner_match = owner_match
@@ -258,12 +245,11 @@ class BoxAttentionAid:
         """Which query owns which object on whole images: ``NxMx2x2`` object boxes
         (zero-padded) and ``N`` counts -> ``NxQxM`` 0/1.
 
-        Objects are given out in their order (``owner_order``: the data's, or left to
-        right by centre): each to the free query whose cell (``q mod g*g`` of a g x g grid
-        over the image, row-major) has its centre nearest to the object's centre, i.e. the
-        first free query of the cell holding the object's centre unless earlier objects
-        took all of them. Every object gets its own query (while queries are left), so the
-        number of owners is the number of objects.
+        Objects are given out in their order: each to the free query whose cell (``q mod
+        g*g`` of a g x g grid over the image, row-major) has its centre nearest to the
+        object's centre, i.e. the query of the cell holding the object's centre unless an
+        earlier object took it. Every object gets its own query (while queries are left),
+        so the number of owners is the number of objects.
         """
         n, m = objects.shape[:2]
         whole = objects.new_tensor([[[0.0, 0.0], [float(self.image_size)] * 2]])
@@ -278,21 +264,12 @@ class BoxAttentionAid:
         # the cell holding the centre (on a border: the one below / right) comes first
         holds = (row * g + col)[..., None] == cell_of_query  # NxMxQ
         dist = dist.masked_fill(holds, -1.0)
-        index = torch.arange(m, device=objects.device)
-        order = index.expand(n, m)  # NxM: the k-th object given out
-        if self.owner_order == "left_to_right":  # padding (k >= count) stays last
-            key = torch.stack([centres[..., 0], centres[..., 1]], dim=-1).masked_fill(
-                (index[None] >= counts[:, None])[..., None], float("inf"))
-            order = torch.sort(key[..., 1], dim=1, stable=True).indices  # by y, then stably by x
-            order = order.gather(1, torch.sort(key[..., 0].gather(1, order), dim=1, stable=True).indices)
         owners = objects.new_zeros(n, self.num_queries, m)
         taken = torch.zeros(n, self.num_queries, dtype=torch.bool, device=objects.device)
-        every = torch.arange(n, device=objects.device)
         for k in range(m):
-            obj = order[:, k]  # N
-            pick = dist[every, obj].masked_fill(taken, float("inf")).argmin(dim=1)  # N
+            pick = dist[:, k].masked_fill(taken, float("inf")).argmin(dim=1)  # N
             rows = ((k < counts) & ~taken.all(dim=1)).nonzero().flatten()
-            owners[rows, pick[rows], obj[rows]] = 1.0
+            owners[rows, pick[rows], k] = 1.0
             taken[rows, pick[rows]] = True
         return owners
 

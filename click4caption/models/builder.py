@@ -94,7 +94,6 @@ def compose(cfg: ModelConfig, llm: nn.Module, tokenizer: TextTokenizer | None,
                               cfg.box_attention_owner_count_weight,
                               cfg.box_attention_owner_ramp,
                               cfg.box_attention_owner_match,
-                              cfg.box_attention_owner_order,
                               cfg.box_attention_owner_focal).attach(parts["qformer"])
     return Click4Caption(**parts, llama_model=llm, llama_tokenizer=tokenizer, image_size=cfg.image_size,
                          delete_vit_cls_token=cfg.delete_vit_cls_token, add_img_pe=cfg.add_img_pe,
