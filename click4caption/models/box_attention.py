@@ -23,9 +23,10 @@ only has to add up (no parameter is added: the output LayerNorm's scale and shif
 channel act as the logit's); with ``owner_focal`` gamma > 0 each query's term is weighed by
 ``(1 - p_t)^gamma`` (the focal loss of dense detectors), so that the few hard decisions,
 objects near a cell border, weigh more than the many easy background queries. With
-``owner_count_weight`` > 0 the queries' answers must also add up to the count: the squared difference between the sum of their probabilities
-and the number of owned objects, so that an object whose centre lies near a cell border is
-claimed once over the neighbouring queries, not by both or by neither. With ``owner_ramp``
+``owner_count_weight`` > 0 the queries' answers must also add up to the count: the squared
+difference between the sum of their probabilities and the number of owned objects, so that
+an object whose centre lies near a cell border is claimed once over the neighbouring
+queries, not by both or by neither. With ``owner_ramp``
 w > 0 ownership itself is shared near cell borders: an object's centre is spread over a
 w x w square (in cells) and each cell owns the share of that square it holds, so that
 owning changes smoothly with the object's position instead of flipping at a border; every
