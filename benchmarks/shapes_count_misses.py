@@ -4,7 +4,7 @@
 ``python benchmarks/shapes_count_misses.py DIR --generator heldout --scenes 200`` draws the
 same scenes again (same seed, generator and number: the items are deterministic), reads the
 answers in ``DIR/results.jsonl`` and splits the whole-image descriptions (count word right,
-too few, too many) by:
+too few or none, too many) by:
 
 - the true count;
 - the held-out generator's layout (scene k is drawn with layout k mod 4);
@@ -21,49 +21,41 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def centres_in_cells(objects: list[dict[str, Any]], width: float, height: float, grid: int) -> list[tuple[float, float]]:
-    """Object centres in cells of a g x g grid over the image: boxes ``[x, y, w, h]``
-    (``ShapeObject.box``) in a ``width x height`` image -> ``(x, y)`` in ``[0, g]``."""
-    return [((o["box"][0] + o["box"][2] / 2) / width * grid, (o["box"][1] + o["box"][3] / 2) / height * grid)
-            for o in objects]
-
-
-def near_lines(centres: list[tuple[float, float]], grid: int, band: float) -> int:
-    """How many centres lie within ``band`` cells of an inner grid line (along x or y)."""
-    def near(v: float) -> bool:
-        return any(abs(v - line) < band for line in range(1, grid))
-
-    return sum(near(x) or near(y) for x, y in centres)
-
-
-def most_in_one_cell(centres: list[tuple[float, float]], grid: int) -> int:
-    """The most centres that fall in one cell."""
-    return max(Counter((min(grid - 1, int(y)), min(grid - 1, int(x))) for x, y in centres).values())
+def most_in_one_cell(corners: "torch.Tensor", grid: int, image_size: int) -> int:
+    """``Mx2x2`` object corners in model pixels -> the most centres that fall in one cell."""
+    cells = ((corners[:, 0] + corners[:, 1]) / 2 / image_size * grid).floor().clamp(0, grid - 1)
+    return max(Counter(map(tuple, cells.tolist())).values())
 
 
 def tally(items: list[dict[str, Any]], results: list[dict[str, Any]], generator: str, grid: int,
           band: float) -> dict[tuple[str, Any], Counter]:
     """``(split, value) -> Counter(scenes, right, under, over)`` over the whole-image items."""
     from click4caption.shapes.heldout import LAYOUTS
-    from click4caption.shapes.world import COUNT_WORDS
+    from click4caption.shapes.owners import border_distance, object_corners
+    from click4caption.shapes.scoring import said_count
 
-    words = {w: n for n, w in COUNT_WORDS.items()}
+    size = 224  # any model side: distances are read in cells
+
     table: dict[tuple[str, Any], Counter] = {}
     for item, result in zip(items, results, strict=True):
         meta = item["meta"]
         if meta["kind"] != "whole":
             continue
-        said = words.get(result["answer"].split(" ")[0].lower().rstrip(":,."), -1)
-        outcome = "right" if said == meta["count"] else "under" if 0 <= said < meta["count"] else "over"
-        centres = centres_in_cells(meta["objects"], item["boxes"][0][2], item["boxes"][0][3], grid)
+        said = said_count(result["answer"])  # as the recipe's table scores it; None: no count word
+        outcome = "right" if said == meta["count"] else "under" if said is None or said < meta["count"] else "over"
+        corners = object_corners(meta["objects"], item["boxes"][0][2], item["boxes"][0][3], size)
+        near = int((border_distance(corners, grid, size) < band).sum())
         keys: list[tuple[str, Any]] = [("all", ""), ("true count", meta["count"]),
-                                       (f"centres within {band} cell of a line", near_lines(centres, grid, band)),
-                                       ("most centres in one cell", most_in_one_cell(centres, grid))]
+                                       (f"centres within {band} cell of a line", near),
+                                       ("most centres in one cell", most_in_one_cell(corners, grid, size))]
         if generator == "heldout":
             keys.append(("layout", LAYOUTS[meta["scene"] % len(LAYOUTS)]))
         for key in keys:

@@ -220,10 +220,15 @@ def describe_correct(answer: str, objects: list[dict[str, Any]], target: int) ->
     )
 
 
+def said_count(answer: str) -> int | None:
+    """The number the answer's first count word names (``"four shapes: ..." -> 4``), or None."""
+    numbers = {word: n for n, word in COUNT_WORDS.items()}
+    return next((numbers[w] for w in _words(answer) if w in numbers), None)
+
+
 def count_word_correct(answer: str, expected_count: int) -> bool:
     """True if the answer's first count word is the expected one."""
-    found = [w for w in _words(answer) if w in COUNT_WORDS.values()]
-    return bool(found) and found[0] == COUNT_WORDS[expected_count]
+    return said_count(answer) == expected_count
 
 
 def score(items: list[dict[str, Any]], answers: list[str]) -> dict[str, dict[str, Any]]:
