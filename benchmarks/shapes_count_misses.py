@@ -11,7 +11,8 @@ too few or none, too many) by:
 - how many objects have their centre within ``--band`` cells (default 0.1) of an inner
   line of the g x g grid of ``box_attention_grid`` (where the rule "the query of the cell
   holding the centre owns the object" flips);
-- the most centres in one cell (a cell's second object must be claimed by a neighbour).
+- the most centres in one cell (a cell's second object must be claimed by a neighbour);
+- the true count and how many of the objects are small.
 """
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def tally(items: list[dict[str, Any]], results: list[dict[str, Any]], generator:
         near = int((border_distance(corners, grid, size) < band).sum())
         keys: list[tuple[str, Any]] = [("all", ""), ("true count", meta["count"]),
                                        (f"centres within {band} cell of a line", near),
-                                       ("most centres in one cell", most_in_one_cell(corners, grid, size))]
+                                       ("most centres in one cell", most_in_one_cell(corners, grid, size)),
+                                       ("count / small objects",
+                                        f"{meta['count']} / {sum(o['size'] == 'small' for o in meta['objects'])}")]
         if generator == "heldout":
             keys.append(("layout", LAYOUTS[meta["scene"] % len(LAYOUTS)]))
         for key in keys:

@@ -1,5 +1,5 @@
 """benchmarks/shapes_count_misses.py: the whole-image count split by true count, layout,
-objects near a grid line and shared cells, on hand-made items and answers."""
+objects near a grid line, shared cells and small objects, on hand-made items and answers."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,9 +13,11 @@ misses = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(misses)
 
 
-def whole(scene: int, centres: list[tuple[int, int]]) -> dict[str, Any]:
-    """A whole-image item of a 224 x 224 image: objects of side 10 around ``centres``."""
-    objects = [{"box": [x - 5, y - 5, 10, 10]} for x, y in centres]
+def whole(scene: int, centres: list[tuple[int, int]], small: int = 0) -> dict[str, Any]:
+    """A whole-image item of a 224 x 224 image: objects of side 10 around ``centres``,
+    the first ``small`` of them small, the others large."""
+    objects = [{"box": [x - 5, y - 5, 10, 10], "size": "small" if k < small else "large"}
+               for k, (x, y) in enumerate(centres)]
     return {"boxes": [[0, 0, 224, 224]], "meta": {"kind": "whole", "scene": scene, "count": len(objects),
                                                   "objects": objects}}
 
@@ -25,8 +27,8 @@ def test_the_count_splits_by_layout_lines_and_shared_cells() -> None:
     (corners): one centre 1 px off the line x = 56, two in cell (1, 1); said "Two": too few.
     Scene 2 (cluster): four objects, the first count word "five": too many. Scene 3 (row):
     no count word: too few. A single-region item is not a whole-image one and is skipped."""
-    items = [whole(0, [(28, 28), (84, 28)]), whole(1, [(57, 28), (70, 100), (90, 80)]),
-             whole(2, [(28, 28), (84, 28), (140, 28), (196, 28)]), whole(3, [(28, 28), (84, 84)]),
+    items = [whole(0, [(28, 28), (84, 28)]), whole(1, [(57, 28), (70, 100), (90, 80)], small=2),
+             whole(2, [(28, 28), (84, 28), (140, 28), (196, 28)], small=4), whole(3, [(28, 28), (84, 84)]),
              {"boxes": [[0, 0, 10, 10]], "meta": {"kind": "color", "scene": 0, "count": 2, "objects": []}}]
     answers = ["two shapes: a small red circle and a large blue star", "Two shapes: a red circle and a star",
                "I see five shapes, four of them small", "Shapes.", "Red."]
@@ -40,6 +42,8 @@ def test_the_count_splits_by_layout_lines_and_shared_cells() -> None:
     assert {k[1]: v for k, v in got.items() if k[0] == "most centres in one cell"} == {
         1: (3, 1, 1, 1), 2: (1, 0, 1, 0)}
     assert {k[1]: v[0] for k, v in got.items() if k[0] == "true count"} == {2: 2, 3: 1, 4: 1}
+    assert {k[1]: v for k, v in got.items() if k[0] == "count / small objects"} == {
+        "2 / 0": (2, 1, 1, 0), "3 / 2": (1, 0, 1, 0), "4 / 4": (1, 0, 0, 1)}
     # the training generator's scenes have no layout split
     assert not any(k[0] == "layout" for k in misses.tally(items, [{"answer": a} for a in answers], "shapes", 4, 0.1))
 
