@@ -6,10 +6,8 @@ a star's notches are, whether a triangle fills its box, anti-aliased edges, nois
 channel or over the objects too). A model trained only on :mod:`click4caption.shapes.world`
 learns its habits; scenes drawn by another program that follows the page must be
 described as well. :func:`draw_varied_scene` draws a scene as ``world`` does (same
-attributes and size ranges, same language) but with its own share of large objects (the
-page fixes the sizes' ranges, not how often each is drawn), then may lay the objects out
-differently (packed together, or along the borders) and draws them in a style drawn per
-scene.
+attributes and sizes, same language), then may lay the objects out differently
+(packed together, or along the borders) and draws them in a style drawn per scene.
 Every scene still obeys the page (``tests/test_shapes_world.py`` checks it).
 """
 
@@ -163,13 +161,10 @@ def render_styled(scene: Scene, style: Style, rng: np.random.Generator) -> Image
 def draw_varied_scene(rng: np.random.Generator, num_objects: int | None = None,
                       variety: float = 1.0) -> tuple[Image.Image, Scene]:
     """A scene as :func:`click4caption.shapes.world.draw_scene` samples it; with probability
-    ``variety`` its own share of large objects (uniform in [0, 1]: ``world`` draws half
-    and half, so scenes of four or five small objects are rare there), laid out and drawn
-    in a style drawn for it, else drawn as ``world`` draws."""
+    ``variety`` laid out and drawn in a style drawn for it, else drawn as ``world`` draws."""
+    scene = sample_scene(rng, num_objects)
     if rng.random() >= variety:
-        scene = sample_scene(rng, num_objects)
         return render_scene(scene, rng), scene
-    scene = sample_scene(rng, num_objects, p_large=float(rng.uniform(0.0, 1.0)))
     names = list(LAYOUTS)
     layout = names[int(rng.choice(len(names), p=list(LAYOUTS.values())))]
     scene = relayout(scene, rng, layout)

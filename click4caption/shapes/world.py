@@ -137,7 +137,7 @@ def _place(rng: np.random.Generator, width: int, height: int, drawn: list[_Drawn
     return objects
 
 
-def sample_scene(rng: np.random.Generator, num_objects: int | None = None, p_large: float | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
     """Sample a scene's layout and attributes (no pixels).
 
     Args:
@@ -146,8 +146,6 @@ def sample_scene(rng: np.random.Generator, num_objects: int | None = None, p_lar
             Objects are placed largest first; one that finds no free spot in
             PLACEMENT_TRIES tries is dropped, and of LAYOUT_TRIES layouts the fullest
             is kept, so a scene may hold fewer (never fewer than one).
-        p_large: probability that an object is large; None: large or small with equal
-            odds (this generator's own draw, the one every stream of it was made with).
     """
     width, height = (int(v) for v in rng.integers(CANVAS_RANGE[0], CANVAS_RANGE[1] + 1, size=2))
     background = int(rng.integers(GRAY_RANGE[0], GRAY_RANGE[1] + 1))
@@ -162,10 +160,7 @@ def sample_scene(rng: np.random.Generator, num_objects: int | None = None, p_lar
     for _ in range(num_objects):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         color = color_names[int(rng.integers(len(color_names)))]
-        if p_large is None:
-            size = ("small", "large")[int(rng.integers(2))]
-        else:
-            size = "large" if rng.random() < p_large else "small"
+        size = ("small", "large")[int(rng.integers(2))]
         jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
         r, g, b = (int(v) for v in np.clip(np.array(COLORS[color]) + jitter, 0, 255))
         lo, hi = _side_range(size, width, height)
