@@ -12,7 +12,10 @@ too few or none, too many) by:
   line of the g x g grid of ``box_attention_grid`` (where the rule "the query of the cell
   holding the centre owns the object" flips);
 - the most centres in one cell (a cell's second object must be claimed by a neighbour);
-- the true count and how many of the objects are small.
+- the true count and how many of the objects are small;
+- the gap between the two nearest objects' boxes, in ViT patches (``--patch`` model pixels
+  of a 224-px input): under one patch, two objects can share a patch or touch neighbouring
+  ones.
 """
 from __future__ import annotations
 
@@ -36,14 +39,28 @@ def most_in_one_cell(corners: "torch.Tensor", grid: int, image_size: int) -> int
     return max(Counter(map(tuple, cells.tolist())).values())
 
 
+def nearest_gap(corners: "torch.Tensor", patch: float) -> str:
+    """``Mx2x2`` object corners in model pixels -> the gap between the two nearest boxes in
+    patches of ``patch`` pixels (the larger of the x and y gaps, 0 where they overlap),
+    as ``"< 1"``, ``"1-2"`` or ``">= 2"``; ``"one object"`` when there is only one."""
+    if corners.shape[0] < 2:
+        return "one object"
+    lo, hi = corners[:, 0].float(), corners[:, 1].float()  # Mx2
+    gaps = (lo[:, None] - hi[None, :]).clamp(min=0)  # MxMx2: how far box i starts after box j ends
+    gap = (gaps + gaps.transpose(0, 1)).amax(-1)  # MxM: per axis one of the two is 0
+    gap.fill_diagonal_(float("inf"))
+    g = float(gap.min()) / patch
+    return "< 1" if g < 1 else "1-2" if g < 2 else ">= 2"
+
+
 def tally(items: list[dict[str, Any]], results: list[dict[str, Any]], generator: str, grid: int,
-          band: float) -> dict[tuple[str, Any], Counter]:
+          band: float, patch: float = 16.0) -> dict[tuple[str, Any], Counter]:
     """``(split, value) -> Counter(scenes, right, under, over)`` over the whole-image items."""
     from click4caption.shapes.heldout import LAYOUTS
     from click4caption.shapes.owners import border_distance, object_corners
     from click4caption.shapes.scoring import said_count
 
-    size = 224  # any model side: distances are read in cells
+    size = 224  # distances are read in cells, and gaps in patches of a 224-px input
 
     table: dict[tuple[str, Any], Counter] = {}
     for item, result in zip(items, results, strict=True):
@@ -58,7 +75,8 @@ def tally(items: list[dict[str, Any]], results: list[dict[str, Any]], generator:
                                        (f"centres within {band} cell of a line", near),
                                        ("most centres in one cell", most_in_one_cell(corners, grid, size)),
                                        ("count / small objects",
-                                        f"{meta['count']} / {sum(o['size'] == 'small' for o in meta['objects'])}")]
+                                        f"{meta['count']} / {sum(o['size'] == 'small' for o in meta['objects'])}"),
+                                       ("nearest boxes' gap, patches", nearest_gap(corners, patch))]
         if generator == "heldout":
             keys.append(("layout", LAYOUTS[meta["scene"] % len(LAYOUTS)]))
         for key in keys:
@@ -76,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=200)
     p.add_argument("--grid", type=int, default=4, help="g of the g x g grid (box_attention_grid)")
     p.add_argument("--band", type=float, default=0.1, help="cells from a grid line that count as near it")
+    p.add_argument("--patch", type=float, default=16.0, help="ViT patch side in pixels of a 224-px input")
     args = p.parse_args(argv)
     results_file = Path(args.results) / "results.jsonl"
     if not results_file.is_file():
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {results_file} does not hold the items of --generator {args.generator} --seed {args.seed} "
               f"--scenes {args.scenes}", file=sys.stderr)
         return 2
-    table = tally(items, results, args.generator, args.grid, args.band)
+    table = tally(items, results, args.generator, args.grid, args.band, args.patch)
     print(f"whole-image count, {args.generator} generator, seed {args.seed}, {args.grid} x {args.grid} cells")
     print("| scenes by | value | scenes | count right | too few | too many |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -52,3 +52,30 @@ def test_a_missing_results_file_is_one_line_and_exit_2(tmp_path: Path, capsys) -
     assert misses.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no ") and "\n" not in err
+
+
+def test_the_count_splits_by_the_nearest_boxes_gap_in_patches() -> None:
+    """Boxes of side 10 px, patches of 16 px: scene 1's second and third boxes are 10 px apart
+    on both axes (under one patch); the other scenes' nearest boxes are 46 px apart."""
+    items = [whole(0, [(28, 28), (84, 28)]), whole(1, [(57, 28), (70, 100), (90, 80)], small=2),
+             whole(2, [(28, 28), (84, 28), (140, 28), (196, 28)], small=4), whole(3, [(28, 28), (84, 84)])]
+    answers = ["two shapes", "Two shapes", "five shapes", "Shapes."]
+    table = misses.tally(items, [{"answer": a} for a in answers], "heldout", 4, 0.1)
+    got = {k[1]: (c["scenes"], c["right"], c["under"], c["over"]) for k, c in table.items()
+           if k[0] == "nearest boxes' gap, patches"}
+    assert got == {"< 1": (1, 0, 1, 0), ">= 2": (3, 1, 1, 1)}
+
+
+def test_nearest_gap_is_the_larger_axis_gap_of_the_closest_pair() -> None:
+    import torch
+
+    def boxes(*xyxy: tuple[float, float, float, float]) -> torch.Tensor:
+        return torch.tensor([[[x0, y0], [x1, y1]] for x0, y0, x1, y1 in xyxy])
+
+    # 20 px apart on x, overlapping on y: 1.25 patches; a third box far away
+    assert misses.nearest_gap(boxes((0, 0, 10, 10), (30, 5, 40, 15), (150, 150, 160, 160)), 16.0) == "1-2"
+    # diagonal neighbours 10 px apart on x and 40 px on y: the larger, 2.5 patches
+    assert misses.nearest_gap(boxes((0, 0, 10, 10), (20, 50, 30, 60)), 16.0) == ">= 2"
+    # overlapping boxes: gap 0
+    assert misses.nearest_gap(boxes((0, 0, 20, 20), (10, 10, 30, 30)), 16.0) == "< 1"
+    assert misses.nearest_gap(boxes((0, 0, 10, 10)), 16.0) == "one object"
