@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: the shipped model's ViT patch side in pixels of a 224-px input (``vit.patch_size`` of
+#: ``train_configs/shapes_train.yaml``, whose ``image_size`` is 224)
+PATCH = 16.0
+
 
 def most_in_one_cell(corners: "torch.Tensor", grid: int, image_size: int) -> int:
     """``Mx2x2`` object corners in model pixels -> the most centres that fall in one cell."""
@@ -54,7 +58,7 @@ def nearest_gap(corners: "torch.Tensor", patch: float) -> str:
 
 
 def tally(items: list[dict[str, Any]], results: list[dict[str, Any]], generator: str, grid: int,
-          band: float, patch: float = 16.0) -> dict[tuple[str, Any], Counter]:
+          band: float, patch: float = PATCH) -> dict[tuple[str, Any], Counter]:
     """``(split, value) -> Counter(scenes, right, under, over)`` over the whole-image items."""
     from click4caption.shapes.heldout import LAYOUTS
     from click4caption.shapes.owners import border_distance, object_corners
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=200)
     p.add_argument("--grid", type=int, default=4, help="g of the g x g grid (box_attention_grid)")
     p.add_argument("--band", type=float, default=0.1, help="cells from a grid line that count as near it")
-    p.add_argument("--patch", type=float, default=16.0, help="ViT patch side in pixels of a 224-px input")
+    p.add_argument("--patch", type=float, default=PATCH, help="ViT patch side in pixels of a 224-px input")
     args = p.parse_args(argv)
     results_file = Path(args.results) / "results.jsonl"
     if not results_file.is_file():

@@ -1,5 +1,6 @@
 """benchmarks/shapes_count_misses.py: the whole-image count split by true count, layout,
-objects near a grid line, shared cells and small objects, on hand-made items and answers."""
+objects near a grid line, shared cells, small objects and the nearest boxes' gap, on
+hand-made items and answers."""
 from __future__ import annotations
 
 import importlib.util
@@ -79,3 +80,10 @@ def test_nearest_gap_is_the_larger_axis_gap_of_the_closest_pair() -> None:
     # overlapping boxes: gap 0
     assert misses.nearest_gap(boxes((0, 0, 20, 20), (10, 10, 30, 30)), 16.0) == "< 1"
     assert misses.nearest_gap(boxes((0, 0, 10, 10)), 16.0) == "one object"
+
+
+def test_the_default_patch_is_the_shipped_configs_patch_at_224_px() -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(SCRIPT.parents[1] / "train_configs" / "shapes_train.yaml")
+    assert misses.PATCH == cfg.model.vit.patch_size * 224 / cfg.model.image_size
