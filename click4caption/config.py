@@ -138,6 +138,11 @@ class ModelConfig:
     # query's owner term, so that the hard decisions (objects near a cell border) weigh more
     # than the many easy background queries (0 = plain binary cross-entropy)
     box_attention_owner_focal: float = 0.0
+    # training aid for models trained from scratch: weight of a loss that makes each image
+    # token's first channel say whether an object's centre lies in its patch, where the
+    # training data lists every object's box, so that touching objects stay apart in the
+    # image tokens (0 = off, as upstream; see click4caption/models/object_centres.py)
+    object_centre_weight: float = 0.0
 
 
 @dataclass

@@ -44,7 +44,7 @@ MODEL_DIR = "models/shapes"
 DATA_DIR = "data/shapes"
 CKPT_NAME = "click4caption_shapes.pth"
 # bumped when the writers change what a recipe parameter set produces (data is redrawn)
-DATA_VERSION = 6
+DATA_VERSION = 7
 DATA_SEED = 0
 # images per part
 NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 8000}

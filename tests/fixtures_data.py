@@ -144,7 +144,7 @@ def write_laion_bad_objects(path: Path, good: int = 2) -> Path:
 def write_region_instruct(root: Path, n_images: int = 4, seed: int = 0) -> Path:
     """Region-instruction JSON (shapes world) plus broken records: box count mismatch,
     inverted box, missing image, unknown role, empty reply, a box outside the image and
-    malformed object boxes."""
+    malformed object boxes; and a good record that lists no objects."""
     from click4caption.shapes import writers
 
     writers.write_region_instruct(root, n_images, seed)
@@ -162,6 +162,7 @@ def write_region_instruct(root: Path, n_images: int = 4, seed: int = 0) -> Path:
         {"id": "outside", "image": "images/1.jpg", "boxes": [[5000, 5000, 6000, 6000]], "conversations": conv},
         {"id": "bad_objects", "image": "images/1.jpg", "boxes": [[1, 1, 20, 20]], "conversations": conv,
          "objects": [[1, 1, 20]]},
+        {"id": "no_objects", "image": "images/1.jpg", "boxes": [[1, 1, 20, 20]], "conversations": conv},
     ]
     _dump(path, records)
     return path

@@ -211,7 +211,7 @@ def test_region_instruct_records(data: dict[str, Path]) -> None:
 
 
 def test_object_boxes_reach_the_batch(data: dict[str, Path], tmp_path: Path) -> None:
-    """Whole-image instruction records and LAION jsons list every object's box: batches
+    """Instruction records and LAION jsons list every object's box: batches
     carry them scaled to the model input and zero-padded (``objects``, ``num_objects``);
     records without the key get none, malformed lists are left out, and LAION passes them
     on only with a transform that does not crop."""

@@ -286,6 +286,63 @@ def test_training_adds_the_weighted_aid_loss(tiny_files, tmp_path) -> None:
     assert set(model(batch)) == {"loss"}  # the aid is a training aid: nothing recorded in eval mode
 
 
+# --------------------------------------------------------------------------- object centres
+def test_centre_targets_mark_each_centre_patch_and_leave_its_neighbours_out() -> None:
+    from click4caption.models.object_centres import centre_targets
+
+    # a 4 x 4 patch grid over a 16-pixel image; row 0: two objects, centres (2, 2) -> patch
+    # (0, 0) and (13.5, 9) -> patch (2, 3); row 1: padding only (no known objects)
+    objects = torch.tensor([[[[0.0, 0.0], [4.0, 4.0]], [[12.0, 7.0], [15.0, 11.0]]],
+                            [[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]])
+    targets, weights = centre_targets(objects, torch.tensor([2, 0]), (4, 4), 16)
+    expect = torch.zeros(2, 4, 4)
+    expect[0, 0, 0] = expect[0, 2, 3] = 1
+    assert torch.equal(targets, expect)
+    left_out = {(r, c) for r in range(4) for c in range(4) if weights[0, r, c] == 0}
+    assert left_out == {(0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (2, 2), (3, 2), (3, 3)}
+    assert torch.all(weights[1] == 0)
+
+
+def test_centre_loss_is_the_balanced_cross_entropy_of_channel_zero() -> None:
+    from click4caption.models.object_centres import centre_loss
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 1 + 4, 3, generator=gen)  # a CLS token, then a 2 x 2 grid
+    objects = torch.tensor([[[[0.0, 0.0], [2.0, 2.0]]]])  # centre (1, 1): patch (0, 0) of a 4-pixel image
+    # neighbours of (0, 0) on a 2 x 2 grid: all three other patches -> only the centre counts
+    logit = tokens[0, 1, 0]
+    assert float(centre_loss(tokens, objects, torch.tensor([1]), (2, 2), 4)) == pytest.approx(
+        0.5 * float(F.softplus(-logit)), rel=1e-6)
+    # a 3 x 3 grid over 6 pixels, centre patch (0, 0): patches (2, *) and (*, 2) are the negatives
+    tokens = torch.randn(1, 9, 2, generator=gen)
+    logits = tokens[0, :, 0].reshape(3, 3)
+    negatives = torch.cat([logits[2, :], logits[:2, 2]])
+    expect = 0.5 * (F.softplus(-logits[0, 0]) + F.softplus(negatives).mean())
+    assert float(centre_loss(tokens, objects, torch.tensor([1]), (3, 3), 6)) == pytest.approx(float(expect), rel=1e-6)
+    assert centre_loss(tokens, objects, torch.tensor([0]), (3, 3), 6) is None
+
+
+def test_training_adds_the_weighted_centre_loss_on_rows_with_objects(tiny_files, tmp_path) -> None:
+    from tests.tiny import tiny_model_config
+    from click4caption.models.builder import build_model
+    from click4caption.models.object_centres import centre_loss
+
+    model = build_model(tiny_model_config(tmp_path, object_centre_weight=0.25), for_training=True)
+    model.train()
+    objects = torch.tensor([[[[0.0, 0.0], [10.0, 10.0]], [[20.0, 20.0], [30.0, 30.0]]]])
+    batch = {"image": torch.randn(1, 3, 32, 32), "bbox": torch.tensor([[[[0.0, 0.0], [32.0, 32.0]]]]),
+             "text_input": ["two shapes"], "objects": objects, "num_objects": [2]}
+    out = model(batch)
+    with torch.no_grad():
+        expect = centre_loss(model.image_tokens(batch["image"]), objects, torch.tensor([2]),
+                             model.visual_encoder.grid_size, 32)
+    assert float(out["centre_loss"]) == pytest.approx(float(expect), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(float(out["lm_loss"]) + 0.25 * float(expect), rel=1e-5)
+    assert set(model({k: v for k, v in batch.items() if k not in ("objects", "num_objects")})) == {"loss"}
+    with pytest.raises(ConfigError):
+        build_model(tiny_model_config(tmp_path, object_centre_weight=-1.0), for_training=True)
+
+
 # --------------------------------------------------------------------------- conversation mode
 def test_conversation_loss_is_the_cross_entropy_of_the_replies(tiny_model) -> None:
     """Two records (one with two regions and a text-only follow-up): the loss is the mean

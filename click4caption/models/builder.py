@@ -98,7 +98,7 @@ def compose(cfg: ModelConfig, llm: nn.Module, tokenizer: TextTokenizer | None,
     return Click4Caption(**parts, llama_model=llm, llama_tokenizer=tokenizer, image_size=cfg.image_size,
                          delete_vit_cls_token=cfg.delete_vit_cls_token, add_img_pe=cfg.add_img_pe,
                          max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym, prompt_list=training_prompts(cfg),
-                         box_attention=aid)
+                         box_attention=aid, object_centre_weight=cfg.object_centre_weight)
 
 
 def training_prompts(cfg: ModelConfig) -> list[str]:

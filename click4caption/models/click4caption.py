@@ -16,8 +16,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from click4caption.boxes import NEAR_FULL_BOX_JITTER
-from click4caption.errors import InputError
+from click4caption.errors import ConfigError, InputError
 from click4caption.models.box_attention import BoxAttentionAid, ObjectBoxes
+from click4caption.models.object_centres import centre_loss
 from click4caption.models.prompt_encoder import PromptEncoder
 from click4caption.models.vision import VisionEncoder
 from click4caption.prompts import IMG_TOKEN, PROMPT_IMAGE_PLACEHOLDER, conversation_pieces
@@ -50,6 +51,9 @@ class Click4Caption(nn.Module):
             when set, each caption-mode batch wraps its soft tokens in one drawn at random.
         box_attention: the optional training aid whose loss is added in training
             (:class:`~click4caption.models.box_attention.BoxAttentionAid`).
+        object_centre_weight: factor of the training aid that makes the image tokens mark
+            the objects' centres where the data lists them
+            (:func:`~click4caption.models.object_centres.centre_loss`); 0: off.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class Click4Caption(nn.Module):
         end_sym: str,
         prompt_list: Sequence[str] = (),
         box_attention: BoxAttentionAid | None = None,
+        object_centre_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -80,6 +85,9 @@ class Click4Caption(nn.Module):
         self.llama_model = llama_model
         self.llama_tokenizer = llama_tokenizer
         self.box_attention = box_attention
+        if object_centre_weight < 0:
+            raise ConfigError(f"object_centre_weight must be >= 0, got {object_centre_weight}")
+        self.object_centre_weight = object_centre_weight
         # how images become tokens, and how text is cut and ended
         self.img_size, self.delete_vit_cls_token, self.add_img_pe = image_size, delete_vit_cls_token, add_img_pe
         self.max_txt_len, self.end_sym, self.prompt_list = max_txt_len, end_sym, list(prompt_list)
@@ -149,6 +157,10 @@ class Click4Caption(nn.Module):
         ViT multi-block mean -> ln_vision -> (drop CLS) -> (+ image PE). T is N, or
         1+N when the CLS token is kept. This is what callers may cache per image.
         """
+        return self.add_image_pe(self.image_tokens(image))
+
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """image ``Bx3xSxS`` -> ``BxTxC``: :meth:`encode_image` before the image PE."""
         vit_dtype = self.visual_encoder.patch_embed.proj.weight.dtype
         vit_device = self.visual_encoder.patch_embed.proj.weight.device
         feats = self.visual_encoder(image.to(device=vit_device, dtype=vit_dtype))
@@ -156,6 +168,10 @@ class Click4Caption(nn.Module):
         embeds = self.ln_vision(feats)
         if self.delete_vit_cls_token:
             embeds = embeds[:, 1:]
+        return embeds
+
+    def add_image_pe(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``BxTxC`` image tokens plus the image PE when ``add_img_pe`` (else unchanged)."""
         if self.add_img_pe:
             pe = self.prompt_encoder.image_pe(self.visual_encoder.grid_size, with_cls=not self.delete_vit_cls_token)
             embeds = embeds + pe.unsqueeze(0).to(embeds.dtype)
@@ -243,7 +259,11 @@ class Click4Caption(nn.Module):
         boxes = samples.get("bbox")
         if boxes is None:
             boxes = self.random_near_full_boxes(image.shape[0])
-        soft, atts, _ = self.encode_img_with_bbox(image, boxes.to(self.device), objects=self._object_boxes(samples))
+        objects = self._object_boxes(samples)
+        tokens = self.image_tokens(image)
+        centre = self._centre_loss(tokens, objects)
+        soft, atts, _ = self.encode_img_with_bbox(image, boxes.to(self.device), image_embeds=self.add_image_pe(tokens),
+                                                  objects=objects if self.box_attention is not None else None)
         texts = caption_rows(samples["text_input"], image.shape[0], boxes.shape[1])
         if self.prompt_list:
             soft, atts = self.prompt_wrap(soft, atts, random.choice(self.prompt_list))
@@ -257,7 +277,7 @@ class Click4Caption(nn.Module):
         inputs = torch.cat([self.embed_tokens(bos), soft, self.embed_tokens(ids)], dim=1)
         mask = torch.cat([atts[:, :1], atts, text_mask], dim=1)
         out = self.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=targets, return_dict=True)
-        return self._losses(out.loss)
+        return self._losses(out.loss, centre)
 
     def pad_right(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token id rows -> ``(ids NxL, attention mask NxL)``, right-padded with the pad id."""
@@ -287,18 +307,28 @@ class Click4Caption(nn.Module):
         wrapped = torch.cat([parts[0], soft, parts[1]], dim=1)
         return wrapped, atts[:, :1].expand(-1, wrapped.shape[1])
 
-    def _losses(self, lm_loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"loss": total}`` plus the parts when a box-attention loss was added."""
+    def _losses(self, lm_loss: torch.Tensor, centre: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"loss": total}`` plus the parts when a training aid's loss was added
+        (``centre``: :meth:`_centre_loss`'s)."""
         taken = self.box_attention.take_loss() if self.box_attention is not None else None
-        if taken is None:
+        total, parts = (lm_loss, {}) if taken is None else (lm_loss + taken[0], taken[1])
+        if centre is not None:
+            total, parts["centre_loss"] = total + self.object_centre_weight * centre, centre.detach()
+        if not parts:
             return {"loss": lm_loss}
-        total, parts = taken
-        return {"loss": lm_loss + total, "lm_loss": lm_loss.detach(), **parts}
+        return {"loss": total, "lm_loss": lm_loss.detach(), **parts}
+
+    def _centre_loss(self, tokens: torch.Tensor, objects: ObjectBoxes | None) -> torch.Tensor | None:
+        """The object-centre aid's loss on image tokens ``NxTxC`` (before the PE) whose rows
+        match ``objects``; None when the aid is off or no row lists objects."""
+        if not self.object_centre_weight or objects is None:
+            return None
+        return centre_loss(tokens, objects[0], objects[1], self.visual_encoder.grid_size, self.img_size)
 
     def _object_boxes(self, samples: dict[str, Any]) -> ObjectBoxes | None:
         """A batch's optional ``objects`` (``BxMx2x2``) and ``num_objects`` (``B``): the
-        boxes of every object in each image or record, for the box-attention aid."""
-        if self.box_attention is None or samples.get("objects") is None:
+        boxes of every object in each image or record, for the training aids."""
+        if (self.box_attention is None and not self.object_centre_weight) or samples.get("objects") is None:
             return None
         return samples["objects"].to(self.device), torch.as_tensor(samples["num_objects"], device=self.device)
 
@@ -306,12 +336,16 @@ class Click4Caption(nn.Module):
         image = samples["image"].to(self.device)
         boxes = samples["bbox"].to(self.device)
         counts = [int(c) for c in samples["num_boxes"]]
-        image_embeds = self.encode_image(image)
+        tokens = self.image_tokens(image)
         if samples.get("image_index") is not None:  # records sharing images: one ViT pass each
-            image_embeds = image_embeds[torch.as_tensor(samples["image_index"], device=self.device)]
+            tokens = tokens[torch.as_tensor(samples["image_index"], device=self.device)]
         rows = [b for b, c in enumerate(counts) for _ in range(c)]
         flat = torch.cat([boxes[b, :c] for b, c in enumerate(counts)]) if rows else boxes[:0, 0]
         objects = self._object_boxes(samples)
+        centre = self._centre_loss(tokens, objects)
+        image_embeds = self.add_image_pe(tokens)
+        if self.box_attention is None:
+            objects = None
         if objects is not None and rows:  # per record -> per row
             index = torch.as_tensor(rows, device=self.device)
             objects = (objects[0][index], objects[1][index])
@@ -340,7 +374,7 @@ class Click4Caption(nn.Module):
             loss_sum = loss_sum + nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
                 ignore_index=-100, reduction="sum")
-        return self._losses(loss_sum / total.clamp_min(1))
+        return self._losses(loss_sum / total.clamp_min(1), centre)
 
     def conversation_training_row(
         self, turns: Sequence[dict[str, str]], regions: torch.Tensor | None

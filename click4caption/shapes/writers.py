@@ -382,8 +382,8 @@ def write_region_instruct(
 
     Each scene's conversations (:func:`scene_conversations`) become records
     ``{"id": "<image id>_<k>", "image", "boxes", "conversations"}``; ``boxes`` lists one
-    box per ``[IMG]`` in order of appearance across the human turns. A record asking
-    about the whole image also lists every object's box (``objects``).
+    box per ``[IMG]`` in order of appearance across the human turns. Every record also
+    lists every object's box (``objects``).
     """
     mix = mix or InstructMix()
     root = Path(root)
@@ -405,8 +405,9 @@ def write_region_instruct(
             turns_per_record[len(conv["turns"])] += 1
             record = {"id": f"{image_id}_{k}", "image": f"images/{image_id}.jpg", "boxes": conv["boxes"],
                       "conversations": conversations}
-            if scene.whole_box in conv["boxes"]:  # what the box-attention aid needs for whole images
-                record["objects"] = scene_object_boxes(scene)
+            # what the training aids read: the box-attention aid on whole-image boxes, the
+            # object-centre aid on every image
+            record["objects"] = scene_object_boxes(scene)
             records.append(record)
     _dump_json(root / "instruct.json", records)
     return {
