@@ -10,7 +10,9 @@ needed but the LLM folder (tokenizer) that config names. An exported model (the 
 
 ``--owners`` adds what the queries' "owns an object" channel counts on the same scenes'
 whole-image boxes (:mod:`click4caption.shapes.owners`): the Q-Former's count before the
-LLM, and where its wrong queries lie.
+LLM, and where its wrong queries lie. ``--centres`` adds what the image tokens' "an
+object's centre lies here" channel counts there (:mod:`click4caption.shapes.centres`, for
+models trained with ``object_centre_weight``): the ViT's count before the Q-Former.
 """
 from __future__ import annotations
 
@@ -72,15 +74,17 @@ def checkpoint_grid(checkpoint: Path) -> int:
     return from_dict(config).model.box_attention_grid if config else 0
 
 
-def row(name: str, scores: dict[str, dict[str, Any]], owners: dict[str, Any] | None = None) -> str:
+def row(name: str, scores: dict[str, dict[str, Any]], owners: dict[str, Any] | None = None,
+        centres: dict[str, Any] | None = None) -> str:
     cells = [f"{100 * scores[k]['value']:.1f}" if k in scores else "" for k in KINDS]
-    if owners is not None:
-        cells.append(f"{100 * owners['value']:.1f} ({owners['under']} under, {owners['over']} over)")
+    for counted in (owners, centres):
+        if counted is not None:
+            cells.append(f"{100 * counted['value']:.1f} ({counted['under']} under, {counted['over']} over)")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
-def header(owners: bool = False) -> str:
-    names = [SHORT[k] for k in KINDS] + (["owner count"] if owners else [])
+def header(owners: bool = False, centres: bool = False) -> str:
+    names = [SHORT[k] for k in KINDS] + (["owner count"] if owners else []) + (["centre count"] if centres else [])
     return "| iterations | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
 
 
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ramp", type=float, default=None,
                    help="with --owners: the owner ramp the targets follow (default: the checkpoint's "
                         "box_attention_owner_ramp; 0 for an exported model)")
+    p.add_argument("--centres", action="store_true",
+                   help="also count the image tokens' object-centre peaks on the whole-image boxes "
+                        "(click4caption/shapes/centres.py)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.ramp is not None and not 0 <= args.ramp <= 1:
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for f, grid in grids.items():
         if grid <= 0:
             raise InputError(f"{f}: --owners needs a grid: the model has no box_attention_grid; give --grid")
-    print(header(args.owners), flush=True)
+    print(header(args.owners, args.centres), flush=True)
     for f in files:
         captioner, iteration, model_cfg = load_captioner(f, args.llm_dir)
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,12 +141,18 @@ def main(argv: list[str] | None = None) -> int:
 
                 ramp = args.ramp if args.ramp is not None else model_cfg.box_attention_owner_ramp
                 owners = read_owners(captioner, items, grids[f], ramp)
+            centres = None
+            if args.centres:
+                from click4caption.shapes.centres import read_centres
+
+                centres = read_centres(captioner, items)
         name = f"{iteration:,}" if iteration is not None else f.name
         rows[str(iteration) if iteration is not None else f.name] = {
             "checkpoint": str(f), "scenes": args.scenes, "seed": args.seed, "generator": args.generator,
-            "scores": scores, **({"owners": owners} if owners is not None else {})}
+            "scores": scores, **({"owners": owners} if owners is not None else {}),
+            **({"centres": centres} if centres is not None else {})}
         out.write_text(json.dumps(rows, indent=1))
-        print(row(name, scores, owners), flush=True)
+        print(row(name, scores, owners, centres), flush=True)
     return 0
 
 

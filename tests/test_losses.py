@@ -339,6 +339,20 @@ def test_training_adds_the_weighted_centre_loss_on_rows_with_objects(tiny_files,
     assert float(out["centre_loss"]) == pytest.approx(float(expect), rel=1e-5)
     assert float(out["loss"].detach()) == pytest.approx(float(out["lm_loss"]) + 0.25 * float(expect), rel=1e-5)
     assert set(model({k: v for k, v in batch.items() if k not in ("objects", "num_objects")})) == {"loss"}
+    # conversation mode: per record, the image its image_index names (a record listing no objects adds nothing)
+    images = torch.randn(2, 3, 32, 32)
+    conv = [{"from": "human", "value": "image[IMG] What color is it?"}, {"from": "gpt", "value": "Red."}]
+    records = {"image": images, "image_index": [1, 0], "bbox": torch.tensor([[[[0.0, 0.0], [16.0, 16.0]]]] * 2),
+               "num_boxes": [1, 1], "conversations": [conv, conv],
+               "objects": torch.cat([objects, torch.zeros_like(objects)]), "num_objects": [2, 0]}
+    out = model(records)
+    with torch.no_grad():
+        expect = centre_loss(model.image_tokens(images)[[1, 0]], records["objects"], torch.tensor([2, 0]),
+                             model.visual_encoder.grid_size, 32)
+        other = centre_loss(model.image_tokens(images), records["objects"], torch.tensor([2, 0]),
+                            model.visual_encoder.grid_size, 32)
+    assert float(out["centre_loss"]) == pytest.approx(float(expect), rel=1e-5)
+    assert float(expect) != pytest.approx(float(other), rel=1e-3)  # the test tells the images apart
     with pytest.raises(ConfigError):
         build_model(tiny_model_config(tmp_path, object_centre_weight=-1.0), for_training=True)
 
