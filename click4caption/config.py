@@ -138,6 +138,10 @@ class ModelConfig:
     # query's owner term, so that the hard decisions (objects near a cell border) weigh more
     # than the many easy background queries (0 = plain binary cross-entropy)
     box_attention_owner_focal: float = 0.0
+    # with "objects": "even" cuts the whole image into g x g equal owner cells, "patches"
+    # moves their edges to the nearest ViT patch border, so that no patch (and no centre the
+    # object-centre aid marks) lies in two cells (not with the ramp or matching)
+    box_attention_owner_cells: str = one_of("even", ("even", "patches"), "the whole image's owner cells")
     # training aid for models trained from scratch: weight of a loss that makes each image
     # token's first channel say whether an object's centre lies in its patch, where the
     # training data lists every object's box, so that touching objects stay apart in the

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 from click4caption.shapes.owners import read_owners
 
                 ramp = args.ramp if args.ramp is not None else model_cfg.box_attention_owner_ramp
-                owners = read_owners(captioner, items, grids[f], ramp)
+                owners = read_owners(captioner, items, grids[f], ramp, model_cfg.box_attention_owner_cells)
             centres = None
             if args.centres:
                 from click4caption.shapes.centres import read_centres

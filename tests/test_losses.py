@@ -286,6 +286,39 @@ def test_training_adds_the_weighted_aid_loss(tiny_files, tmp_path) -> None:
     assert set(model(batch)) == {"loss"}  # the aid is a training aid: nothing recorded in eval mode
 
 
+def test_owner_cells_on_patch_borders_decide_by_the_patch_holding_the_centre() -> None:
+    """A 4 x 4 grid over 14 x 14 patches of 16 px: even cells cut patch 3 (48-64 px) at 56
+    px; "patches" cells are 4, 3, 3 and 4 patches wide (edges 0, 64, 112, 160, 224)."""
+    def grid_aid(cells: str) -> BoxAttentionAid:
+        return BoxAttentionAid(1.0, 4, 16, (14, 14), 224, "objects", owner_cells=cells)
+
+    patches, even = grid_aid("patches"), grid_aid("even")
+    assert patches.cell_edges()[0].tolist() == [0, 64, 112, 160, 224]
+    whole = torch.tensor([[[0.0, 0.0], [224.0, 224.0]]])
+    assert torch.equal(even.whole_image_cells(), even.query_cells(whole)[0])
+    assert patches.whole_image_cells()[5].tolist() == [[64, 64], [112, 112]]  # row 1, column 1
+    # centre (60, 20): patch column 3, right of the even line at 56, left of the patch edge at 64
+    # centre (170, 120): column 10, right of both lines (168 and 160); row 7 (112-128) in cell row 2
+    objects = torch.tensor([[[[50.0, 10.0], [70.0, 30.0]], [[160.0, 110.0], [180.0, 130.0]]]])
+    def owner_of(a: BoxAttentionAid) -> list[int]:
+        return a.object_owners(objects, torch.tensor([2]))[0].argmax(dim=0).tolist()
+
+    assert owner_of(even) == [1, 11] and owner_of(patches) == [0, 11]
+    # the background targets follow the cells: query 1 (no object) targets patch columns 4-6
+    # of rows 0-3 (even cells: columns 3-6, the patches whose centre lies in 56-112 px)
+    masks = patches.object_targets(objects, torch.tensor([2]), 196)[0]
+    cell1 = torch.zeros(14, 14, dtype=torch.bool)
+    cell1[:4, 4:7] = True
+    assert torch.equal(masks[1].reshape(14, 14) > 0, cell1)
+    assert masks[0].sum() > 0 and torch.equal(masks[0], patches.inside_box_mask(objects[0, :1], 196)[0])
+    for bad in ({"owner_cells": "odd"}, {"owner_cells": "patches", "owner_ramp": 0.4},
+                {"owner_cells": "patches", "owner_match": 1.0}):
+        with pytest.raises(ConfigError):
+            BoxAttentionAid(1.0, 4, 16, (14, 14), 224, "objects", **bad)
+    with pytest.raises(ConfigError):
+        BoxAttentionAid(1.0, 4, 16, (14, 14), 224, "free", owner_cells="patches")
+
+
 # --------------------------------------------------------------------------- object centres
 def test_centre_targets_mark_each_centre_patch_and_leave_its_neighbours_out() -> None:
     from click4caption.models.object_centres import centre_targets

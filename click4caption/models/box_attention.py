@@ -37,7 +37,13 @@ distance (in cells) from the query's cell centre to the object's centre less b t
 query's attention mass on the object's patches in the last cross-attention layer of this
 very pass (detached), cheapest (query, object) pair first. Far from a border the geometry
 decides; near one, whichever neighbour already looks at the object owns it, so the target
-follows the model instead of flipping where the model cannot see a difference.
+follows the model instead of flipping where the model cannot see a difference. With
+``owner_cells="patches"`` the whole image's g x g cells (which the fixed rule gives out and
+whose background the other queries target) have their edges moved to the nearest patch
+border (14 patches in 4 cells: 4, 3, 3 and 4 patches wide), so that no patch lies in two
+cells and whether an object's centre lies in a cell is decided by which patch holds it:
+with the object-centre aid (:mod:`click4caption.models.object_centres`) marking that patch,
+owning becomes a question each query can answer from its own cell.
 
 It is one object: it owns the forward hooks on the Q-Former's cross-attention layers
 (which need eager attention to return their maps), records while the model encodes
@@ -61,6 +67,8 @@ ATTN_IMPLEMENTATION = "eager"
 ObjectBoxes = Tuple[torch.Tensor, torch.Tensor]
 #: what the queries of a (near-)whole-image box target (``box_attention_whole_image``)
 WHOLE_IMAGE_TARGETS = ("cells", "free", "objects")
+#: how the whole image is cut into the owners' cells (``box_attention_owner_cells``)
+OWNER_CELLS = ("even", "patches")
 
 
 class BoxAttentionAid:
@@ -90,12 +98,15 @@ class BoxAttentionAid:
             (:meth:`matched_owners`); 0: the fixed rule. Not with ``owner_ramp``.
         owner_focal: with ``owner_weight``: gamma >= 0 of the owner loss's focal factor
             ``(1 - p_t)^gamma``; 0: plain binary cross-entropy.
+        owner_cells: with ``"objects"``: ``"even"`` cuts the whole image into g x g equal
+            cells; ``"patches"`` moves their edges to the nearest patch border
+            (:meth:`whole_image_cells`). Not with ``owner_ramp`` or ``owner_match``.
     """
 
     def __init__(self, weight: float, grid: int, num_queries: int, grid_size: tuple[int, int],
                  image_size: int, whole_image: str = "cells", owner_weight: float = 0.0,
                  object_layers: int = 0, owner_count_weight: float = 0.0, owner_ramp: float = 0.0,
-                 owner_match: float = 0.0, owner_focal: float = 0.0) -> None:
+                 owner_match: float = 0.0, owner_focal: float = 0.0, owner_cells: str = "even") -> None:
         if whole_image not in WHOLE_IMAGE_TARGETS:
             raise ConfigError(f"box attention: whole_image must be one of {', '.join(WHOLE_IMAGE_TARGETS)}, "
                               f"got {whole_image!r}")
@@ -114,6 +125,11 @@ class BoxAttentionAid:
                               f"and no owner_ramp, got {owner_match}")
         if owner_focal < 0 or (owner_focal and not owner_weight):
             raise ConfigError(f"box attention: owner_focal must be >= 0 and needs owner_weight > 0, got {owner_focal}")
+        if owner_cells not in OWNER_CELLS or (owner_cells != "even" and (whole_image != "objects" or grid <= 0
+                                                                           or owner_ramp or owner_match)):
+            raise ConfigError(f"box attention: owner_cells must be one of {', '.join(OWNER_CELLS)}; 'patches' needs "
+                              f"whole_image 'objects', a grid > 0 and no owner_ramp or owner_match, got {owner_cells!r}")
+        self.owner_cells = owner_cells
         self.owner_focal = owner_focal
         self.object_layers = object_layers
         self.owner_ramp = owner_ramp
@@ -237,6 +253,28 @@ class BoxAttentionAid:
         top_left = tl + start * size
         return torch.stack([top_left, top_left + size / g], dim=2)
 
+    def cell_edges(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The g + 1 edges of the whole image's owner cells, ``(x edges, y edges)`` in model
+        pixels: ``k * S / g``, or with ``owner_cells="patches"`` each moved to the nearest
+        patch border (halves to the even patch count, so the cells are symmetric)."""
+        g, s = self.grid, float(self.image_size)
+        k = torch.arange(g + 1, device=device, dtype=torch.float32)
+        if self.owner_cells == "even":
+            return k * s / g, k * s / g
+        gh, gw = self.grid_size
+        return (torch.round(k * gw / g) * s / gw, torch.round(k * gh / g) * s / gh)
+
+    def whole_image_cells(self, device: torch.device | None = None) -> torch.Tensor:
+        """Each learned query's owner cell on the whole image: ``Qx2x2`` (query q: cell
+        ``q mod g*g`` of :meth:`cell_edges`, row-major; with ``owner_cells="even"`` the
+        cells :meth:`query_cells` gives a whole-image box)."""
+        g = self.grid
+        xs, ys = self.cell_edges(device)
+        cell = torch.arange(self.num_queries, device=device) % (g * g)
+        row, col = cell // g, cell % g
+        top_left = torch.stack([xs[col], ys[row]], dim=-1)
+        return torch.stack([top_left, torch.stack([xs[col + 1], ys[row + 1]], dim=-1)], dim=1)
+
     def is_near_full(self, boxes: torch.Tensor) -> torch.Tensor:
         """``Nx2x2`` boxes -> ``N`` bools: every corner within the near-full jitter of the border."""
         s, j = float(self.image_size), NEAR_FULL_BOX_JITTER
@@ -246,21 +284,21 @@ class BoxAttentionAid:
         """Which query owns which object on whole images: ``NxMx2x2`` object boxes
         (zero-padded) and ``N`` counts -> ``NxQxM`` 0/1.
 
-        Objects are given out in their order: each to the free query whose cell (``q mod
-        g*g`` of a g x g grid over the image, row-major) has its centre nearest to the
+        Objects are given out in their order: each to the free query whose cell
+        (:meth:`whole_image_cells`) has its centre nearest to the
         object's centre, i.e. the query of the cell holding the object's centre unless an
         earlier object took it. Every object gets its own query (while queries are left),
         so the number of owners is the number of objects.
         """
         n, m = objects.shape[:2]
-        whole = objects.new_tensor([[[0.0, 0.0], [float(self.image_size)] * 2]])
-        cells = self.query_cells(whole)[0]  # Qx2x2
+        cells = self.whole_image_cells(objects.device).to(objects.dtype)  # Qx2x2
         cell_centres = (cells[:, 0] + cells[:, 1]) / 2  # Qx2
         centres = (objects[:, :, 0] + objects[:, :, 1]) / 2  # NxMx2 (x, y)
         dist = ((centres[:, :, None] - cell_centres[None, None]) ** 2).sum(-1)  # NxMxQ
-        g, s = self.grid, float(self.image_size)
-        col = (centres[..., 0] / s * g).floor().clamp(0, g - 1)
-        row = (centres[..., 1] / s * g).floor().clamp(0, g - 1)
+        g = self.grid
+        xs, ys = (e.to(objects.dtype) for e in self.cell_edges(objects.device))
+        col = torch.bucketize(centres[..., 0].contiguous(), xs[1:-1], right=True).to(objects.dtype)
+        row = torch.bucketize(centres[..., 1].contiguous(), ys[1:-1], right=True).to(objects.dtype)
         cell_of_query = (torch.arange(self.num_queries, device=objects.device) % (g * g)).to(objects.dtype)
         # the cell holding the centre (on a border: the one below / right) comes first
         holds = (row * g + col)[..., None] == cell_of_query  # NxMxQ
@@ -349,15 +387,14 @@ class BoxAttentionAid:
         and ``N`` counts (and with ``owner_match`` the ``NxQxT`` attention of
         :meth:`last_attention`) -> ``NxQxT`` masks.
 
-        Query q owns cell ``q mod g*g`` of a g x g grid over the image. A query owning an
+        Query q owns cell ``q mod g*g`` of the image (:meth:`whole_image_cells`). A query owning an
         object (:meth:`owners`) targets its patches (the whole object, also outside
         the cell); any other query targets its cell's background (its patches outside
         every object), or when it has none, the image's background (or, with none, the cell).
         """
-        s = float(self.image_size)
         n, m = objects.shape[:2]
-        whole = objects.new_tensor([[[0.0, 0.0], [s, s]]])
-        cell_masks = self.inside_box_mask(self.query_cells(whole)[0], num_tokens)[None]  # 1xQxT
+        cells = self.whole_image_cells(objects.device).to(objects.dtype)
+        cell_masks = self.inside_box_mask(cells, num_tokens)[None]  # 1xQxT
         valid = (torch.arange(m, device=objects.device)[None] < counts[:, None]).to(objects.dtype)  # NxM
         object_masks = self.inside_box_mask(objects.reshape(n * m, 2, 2), num_tokens).reshape(n, m, -1)
         object_masks = object_masks * valid[..., None]  # NxMxT

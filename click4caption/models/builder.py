@@ -94,7 +94,8 @@ def compose(cfg: ModelConfig, llm: nn.Module, tokenizer: TextTokenizer | None,
                               cfg.box_attention_owner_count_weight,
                               cfg.box_attention_owner_ramp,
                               cfg.box_attention_owner_match,
-                              cfg.box_attention_owner_focal).attach(parts["qformer"])
+                              cfg.box_attention_owner_focal,
+                              cfg.box_attention_owner_cells).attach(parts["qformer"])
     return Click4Caption(**parts, llama_model=llm, llama_tokenizer=tokenizer, image_size=cfg.image_size,
                          delete_vit_cls_token=cfg.delete_vit_cls_token, add_img_pe=cfg.add_img_pe,
                          max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym, prompt_list=training_prompts(cfg),

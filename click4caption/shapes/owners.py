@@ -86,11 +86,14 @@ def summarise(tallies: Sequence[dict[str, Any]], num_queries: int) -> dict[str, 
             "queries": n * num_queries, "wrong_queries": len(wrong), "wrong_by_border": bins}
 
 
-def read_owners(captioner: Captioner, items: Sequence[dict[str, Any]], grid: int, ramp: float = 0.0) -> dict[str, Any]:
+def read_owners(captioner: Captioner, items: Sequence[dict[str, Any]], grid: int, ramp: float = 0.0,
+                cells: str = "even") -> dict[str, Any]:
     """The owner channel's count on the whole-image items of ``items`` (the evaluation
     items of :mod:`click4caption.shapes.scoring`, ``meta`` with ``kind`` and ``objects``),
     summarised by :func:`summarise`; ``grid`` and ``ramp`` are the model's
-    ``box_attention_grid`` and ``box_attention_owner_ramp``. For a model trained with
+    ``box_attention_grid`` and ``box_attention_owner_ramp``, ``cells`` its
+    ``box_attention_owner_cells`` (the wrong queries' border distance is measured from the
+    even grid's lines either way). For a model trained with
     ``box_attention_owner_match`` the wrong queries are judged by the fixed rule (its
     owners followed its attention in training); its count (``value``) is read as any."""
     from PIL import Image
@@ -99,9 +102,10 @@ def read_owners(captioner: Captioner, items: Sequence[dict[str, Any]], grid: int
 
     model = captioner.model
     size, q = captioner.image_size, model.num_query_token
-    aid = BoxAttentionAid(1.0, grid, q, model.visual_encoder.grid_size, size, "objects", owner_ramp=ramp)
-    cells = aid.query_cells(torch.tensor([[[0.0, 0.0], [float(size)] * 2]]))[0]
-    cell_centres = (cells[:, 0] + cells[:, 1]) / 2
+    aid = BoxAttentionAid(1.0, grid, q, model.visual_encoder.grid_size, size, "objects", owner_ramp=ramp,
+                          owner_cells=cells)
+    corners_of_cells = aid.whole_image_cells()
+    cell_centres = (corners_of_cells[:, 0] + corners_of_cells[:, 1]) / 2
     seen: dict[str, torch.Tensor] = {}
     hook = model.qformer.register_forward_hook(
         lambda _m, _a, out: seen.__setitem__("owner", out.last_hidden_state[:, :q, 0].float()))
