@@ -67,15 +67,20 @@ def centre_loss(image_tokens: torch.Tensor, objects: torch.Tensor, counts: torch
     """
     if not bool((counts > 0).any()):
         return None
-    gh, gw = grid_size
-    logits = image_tokens[:, -gh * gw:, 0].float().reshape(-1, gh, gw)
+    logits = centre_logits(image_tokens, grid_size)
     targets, weights = centre_targets(objects, counts, grid_size, image_size)
     terms = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     pos, neg = targets * weights, (1 - targets) * weights
     return 0.5 * ((terms * pos).sum() / pos.sum().clamp_min(1) + (terms * neg).sum() / neg.sum().clamp_min(1))
 
 
+def centre_logits(image_tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """The patches' channel 0: ``NxTxC`` (a CLS token first, if kept, is skipped) -> ``NxHxW``
+    logits of holding a centre."""
+    gh, gw = grid_size
+    return image_tokens[:, -gh * gw:, 0].float().reshape(-1, gh, gw)
+
+
 def centre_probabilities(image_tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     """What the tokens say: ``NxTxC`` -> ``NxHxW`` probabilities of holding a centre."""
-    gh, gw = grid_size
-    return image_tokens[:, -gh * gw:, 0].float().sigmoid().reshape(-1, gh, gw)
+    return centre_logits(image_tokens, grid_size).sigmoid()
