@@ -234,10 +234,54 @@ def test_the_recipe_exports_what_it_trained(setup_dir: Path, tmp_path: Path) -> 
 
     cfg = load_config(tiny_train_config(setup_dir, iters=3, run={"save_every_iters": 3, "log_freq": 3}))
     result = run_training(cfg, "export")
-    sizes = recipe.export(cfg, result.last_checkpoint, tmp_path)
-    assert sizes["iterations"] == 3
+    sizes = recipe.export(cfg, [result.last_checkpoint], tmp_path)
+    assert sizes["iterations"] == 3 and sizes["averaged_iterations"] == [3]
     assert (tmp_path / recipe.CKPT_NAME).stat().st_size + sum(
         f.stat().st_size for f in (tmp_path / "llm").iterdir()) == sizes["bytes"]
+
+
+def test_the_recipe_exports_the_mean_of_the_newest_checkpoints(setup_dir: Path, tmp_path: Path) -> None:
+    """--average-last 2 of a run saved at 2, 4 and 6 iterations: the shipped weights (both
+    the Q-Former side and the LLM folder) are the mean of iterations 4 and 6."""
+    from safetensors.torch import load_file
+
+    from click4caption.training.checkpointing import load_checkpoint
+    from click4caption_apps import shapes_recipe as recipe
+
+    cfg = load_config(tiny_train_config(setup_dir, iters=6, model={"freeze_llm": False},
+                                        run={"save_every_iters": 2, "log_freq": 2, "keep_last_ckpts": 3}))
+    result = run_training(cfg, "average")
+    out_dir = result.last_checkpoint.parent
+    picked = recipe.checkpoints_to_average(out_dir, result.last_checkpoint, 2)
+    assert [p.name for p in picked] == ["checkpoint_iter00000004.pth", "checkpoint_iter00000006.pth"]
+    sizes = recipe.export(cfg, picked, tmp_path)
+    assert sizes["iterations"] == 6 and sizes["averaged_iterations"] == [4, 6]
+    a, b = (load_checkpoint(p)["model"] for p in picked)
+    rest = torch.load(tmp_path / recipe.CKPT_NAME, weights_only=True)["model"]
+    assert not torch.equal(a["query_tokens"], b["query_tokens"])  # the two differ, so the mean is a test
+    torch.testing.assert_close(rest["query_tokens"], (a["query_tokens"] + b["query_tokens"]) / 2)
+    llm = load_file(tmp_path / "llm" / "model.safetensors")
+    key = next(k for k in a if k.startswith("llama_model.") and k.endswith("down_proj.weight"))
+    torch.testing.assert_close(llm[key.removeprefix("llama_model.")], (a[key] + b[key]) / 2)
+    assert recipe.checkpoints_to_average(out_dir, result.last_checkpoint, 1) == [result.last_checkpoint]
+    with_earlier = recipe.checkpoints_to_average(out_dir, picked[0], 5)  # none newer than the one named
+    assert [p.name for p in with_earlier] == ["checkpoint_iter00000002.pth", "checkpoint_iter00000004.pth"]
+
+
+def test_averaging_checkpoints_names_what_does_not_match() -> None:
+    from click4caption.errors import CheckpointError
+    from click4caption.training.checkpointing import average_model_states
+
+    a = {"w": torch.tensor([1.0, 2.0], dtype=torch.float16), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 5.0], dtype=torch.float16), "n": torch.tensor(3)}
+    mean = average_model_states([a, b], ["a", "b"])
+    assert mean["w"].dtype == torch.float16 and mean["w"].tolist() == [2.0, 3.5] and mean["n"].item() == 3
+    with pytest.raises(CheckpointError, match="keys differ: extra.bias"):
+        average_model_states([a, {**b, "extra.bias": torch.zeros(1)}], ["a", "b"])
+    with pytest.raises(CheckpointError, match="shapes differ: w"):
+        average_model_states([a, {**b, "w": torch.zeros(3)}], ["a", "b"])
+    with pytest.raises(CheckpointError, match="cannot average n"):
+        average_model_states([a, {**b, "n": torch.tensor(4)}], ["a", "b"])
 
 
 def test_time_budget_shortens_the_run_and_its_cosine(setup_dir: Path) -> None:

@@ -157,9 +157,44 @@ def write_checkpoint(obj: dict[str, Any], out_dir: Path, iteration: int, keep_la
     return path
 
 
+def iteration_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of every ``checkpoint_iter*.pth`` in ``out_dir``, oldest first."""
+    return sorted((int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := _ITER_RE.match(p.name)))
+
+
+def average_model_states(states: list[dict[str, torch.Tensor]], sources: list[str]) -> dict[str, torch.Tensor]:
+    """The mean of several checkpoints' ``model`` dicts (weight averaging over the end of
+    one run): floating tensors averaged in float64 and cast back, other tensors (counters,
+    integer buffers) taken from the last and required equal in all. ``sources`` names each
+    state in errors. Raises :class:`CheckpointError` naming the keys when the states do
+    not hold the same keys and shapes."""
+    if not states or len(states) != len(sources):
+        raise ValueError("average_model_states needs one source name per state, and at least one state")
+    ref, ref_src = states[-1], sources[-1]
+    for state, src in zip(states, sources):
+        if state.keys() != ref.keys():
+            raise CheckpointError(f"cannot average {src} with {ref_src}: keys differ: "
+                                  f"{summarize_keys(sorted(state.keys() ^ ref.keys()))}")
+        shapes = [k for k in ref if state[k].shape != ref[k].shape]
+        if shapes:
+            raise CheckpointError(f"cannot average {src} with {ref_src}: shapes differ: {summarize_keys(shapes)}")
+    out: dict[str, torch.Tensor] = {}
+    for key, last in ref.items():
+        if last.is_floating_point():
+            total = torch.zeros(last.shape, dtype=torch.float64)
+            for state in states:
+                total += state[key].double()
+            out[key] = (total / len(states)).to(last.dtype)
+        else:
+            if any(not torch.equal(state[key], last) for state in states):
+                raise CheckpointError(f"cannot average {key}: a non-floating tensor differs between {', '.join(sources)}")
+            out[key] = last.clone()
+    return out
+
+
 def rotate(out_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` ``checkpoint_iter*.pth`` files."""
-    found = sorted((int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := _ITER_RE.match(p.name)))
+    found = iteration_checkpoints(out_dir)
     for _, p in found[: max(len(found) - max(keep_last, 0), 0)]:
         try:
             p.unlink()
