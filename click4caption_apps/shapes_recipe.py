@@ -208,7 +208,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="export the mean of the run's newest N checkpoints (kept for it; 1: the last as it is)")
     p.add_argument("--llm-layers", type=int, default=None, help="LLM depth (default: the recipe's LLM_SIZES)")
     p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.average_last < 1:
+        p.error(f"--average-last must be >= 1, got {args.average_last}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

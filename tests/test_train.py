@@ -216,6 +216,8 @@ def test_the_recipe_gives_training_what_its_budget_leaves() -> None:
 
     args = recipe.parse_args([])
     assert args.budget_min == 60 and args.eval_scenes == 200 and args.heldout_scenes == 200
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--average-last", "0"])
     # 3600 s - 45 s of data - (30 s + 0.4 s x 400 scenes) for export and evaluation
     assert recipe.training_budget_s(args, 45.0) == pytest.approx(3600 - 45 - 190)
     assert recipe.training_budget_s(args, 3500.0) == 60.0  # at least a minute
