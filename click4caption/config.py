@@ -220,6 +220,10 @@ class RunConfig:
     amp_dtype: str = "fp16"
     # bookkeeping
     seed: int = 42
+    # torch.use_deterministic_algorithms for the run: on a CPU a run then repeats bit for bit
+    # even on a busy machine (without it, the gradient into the image tokens changes with the
+    # threads' timing; REPORT.md of the shapes model: "Where the draws differ")
+    deterministic: bool = False
     output_dir: str = "output/"
     resume_ckpt_path: Optional[str] = None
     save_every_iters: int = 1000

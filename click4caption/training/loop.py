@@ -11,13 +11,15 @@ Reproducibility: before each iteration torch's RNG is seeded from
 ``(seed, rank, step)`` (dropout, the random near-full boxes of whole-image captions),
 and the batch of each step is a pure function of the same numbers, so a run resumed
 from a checkpoint at step ``t`` continues exactly as the uninterrupted run would have
-(up to non-deterministic GPU kernels).
+(up to non-deterministic kernels: ``run.deterministic`` turns on torch's deterministic
+algorithms, which on a CPU make two runs of one config equal bit for bit).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -73,6 +75,21 @@ class TrainResult:
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Torch seed of one iteration on one rank."""
     return int(np.random.SeedSequence([seed, rank, step, TORCH_SEED_STREAM]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def use_deterministic_algorithms(device: torch.device) -> None:
+    """Make torch pick deterministic kernels for the rest of the process (``run.deterministic``).
+
+    On a CPU, two runs were equal bit for bit on an idle machine but not on a busy one: some
+    backward kernel's result (the gradient into the image tokens) followed the threads'
+    timing, and 15,000 steps grew the last bits into different models. A kernel without a
+    deterministic version warns instead of failing (``warn_only``); on CUDA cuBLAS needs a
+    fixed workspace, set here unless the user set one.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    logger.info("deterministic algorithms on (run.deterministic)")
 
 
 def _default_factory(cfg: ModelConfig, device: torch.device, for_training: bool) -> nn.Module:
@@ -162,6 +179,7 @@ class Trainer:
         self.rank_skipped: Counter = Counter()    # this rank, since this process started
         self._log_handler: logging.Handler | None = None
         self._saved_level: int | None = None
+        self._saved_determinism: tuple[bool, bool] | None = None
         self._tb: Any = None
         self._setup_done = False
 
@@ -185,6 +203,10 @@ class Trainer:
                 logger.warning("CPU: denormal floats are flushed to zero in some of torch's threads only (its thread "
                                "pool started before); steps may slow down as training goes on. Call "
                                "click4caption.cpu.flush_denormals('cpu') before any torch computation")
+        if run.deterministic:  # restored by cleanup (the setting is the process's)
+            self._saved_determinism = (torch.are_deterministic_algorithms_enabled(),
+                                       torch.is_deterministic_algorithms_warn_only_enabled())
+            use_deterministic_algorithms(self.dist.device)
         random.seed(run.seed + self.dist.rank)
         torch.manual_seed(run.seed + self.dist.rank)
         np.random.seed((run.seed + self.dist.rank) % 2**32)
@@ -503,6 +525,10 @@ class Trainer:
         if self._saved_level is not None:
             logging.getLogger("click4caption").setLevel(self._saved_level)
             self._saved_level = None
+        if self._saved_determinism is not None:
+            enabled, warn_only = self._saved_determinism
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+            self._saved_determinism = None
 
     # ================================================================== dry run
     def _dry_run_report(self) -> None:
