@@ -329,6 +329,33 @@ def test_time_budget_shortens_the_run_and_its_cosine(setup_dir: Path) -> None:
     assert budgeted(resumed) == pytest.approx(lrs[25:])
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_algorithms_last_as_long_as_the_run(setup_dir: Path, deterministic: bool) -> None:
+    """``run.deterministic`` turns torch's deterministic algorithms on for the training steps
+    (and says so in the log) and cleanup restores the process's own setting."""
+    cfg = load_config(tiny_train_config(setup_dir, iters=2, run={"deterministic": deterministic}))
+    trainer = Trainer(cfg, f"deterministic_{deterministic}")
+    seen = []
+    forward_backward = trainer._forward_backward
+
+    def watched(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled()))
+        return forward_backward(*args, **kwargs)
+
+    trainer._forward_backward = watched
+    assert not torch.are_deterministic_algorithms_enabled()
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert seen == [(deterministic, deterministic)] * 2
+    assert not torch.are_deterministic_algorithms_enabled()
+    logged = "deterministic algorithms on" in (trainer.out_dir / "train.log").read_text()
+    assert logged == deterministic
+
+
 def test_dry_run_builds_everything_and_runs_no_step(setup_dir: Path) -> None:
     sys.path.insert(0, str(REPO_ROOT))
     import train as train_app
