@@ -150,6 +150,9 @@ def write_report_md(path: Path, report: dict, device: torch.device) -> None:
     from click4caption.shapes.scoring import format_table
 
     t = report["timings_s"]
+    averaged = report.get("averaged_iterations", [])
+    weights = (f"; the weights are the mean of the checkpoints at iterations {', '.join(f'{i:,}' for i in averaged)}"
+               if len(averaged) > 1 else "")
     lines = [
         "# Shipped shapes model", "",
         f"Rebuilt with `python -m click4caption_apps.shapes_recipe` (`make shapes-model`) on {device} "
@@ -157,12 +160,8 @@ def write_report_md(path: Path, report: dict, device: torch.device) -> None:
         f"training {t['train_s']:.0f} s, export {t['export_s']:.0f} s, evaluation "
         f"{sum(v for k, v in t.items() if k.startswith('eval_')):.0f} s; total {t['total_s'] / 60:.1f} min "
         f"(load average at the end {', '.join(str(v) for v in report['load_average_at_end'])}).", "",
-        f"{report['params']:,} parameters, {report['bytes'] / 1e6:.1f} MB.", "",
+        f"{report['params']:,} parameters, {report['bytes'] / 1e6:.1f} MB{weights}.", "",
     ]
-    averaged = report.get("averaged_iterations", [])
-    if len(averaged) > 1:
-        lines[-2:-1] = [lines[-2][:-1] + f"; the weights are the mean of the checkpoints at iterations "
-                        f"{', '.join(f'{i:,}' for i in averaged)}."]
     names = {"shapes": "fresh scenes of the training data's generator (`click4caption/shapes/world.py`, "
                        "streams training never uses)",
              "heldout": "scenes of the held-out generator (`click4caption/shapes/heldout.py`: another program "

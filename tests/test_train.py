@@ -270,6 +270,27 @@ def test_the_recipe_exports_the_mean_of_the_newest_checkpoints(setup_dir: Path, 
     assert [p.name for p in with_earlier] == ["checkpoint_iter00000002.pth", "checkpoint_iter00000004.pth"]
 
 
+def test_the_shipped_report_is_what_the_recipe_writes(tmp_path: Path) -> None:
+    """models/shapes/REPORT.md rewritten from the shipped REPORT.json comes out unchanged
+    (header, averaged iterations, tables; the runs below the marker kept), and a report of
+    one checkpoint names no mean."""
+    import json
+    import shutil
+
+    from click4caption_apps import shapes_recipe as recipe
+
+    shipped = REPO_ROOT / recipe.MODEL_DIR / "REPORT.md"
+    report = json.loads((shipped.parent / "REPORT.json").read_text())
+    copy = tmp_path / "REPORT.md"
+    shutil.copy(shipped, copy)
+    recipe.write_report_md(copy, report, torch.device(report["device"]))
+    assert copy.read_text() == shipped.read_text()
+    assert len(report["averaged_iterations"]) > 1 and "the weights are the mean of the checkpoints" in copy.read_text()
+    recipe.write_report_md(copy, {**report, "averaged_iterations": [report["iterations"]]}, torch.device("cpu"))
+    assert f"{report['params']:,} parameters, {report['bytes'] / 1e6:.1f} MB.\n" in copy.read_text()
+    assert "mean of the checkpoints" not in copy.read_text().split(recipe.REPORT_RUNS_MARKER)[0]
+
+
 def test_averaging_checkpoints_names_what_does_not_match() -> None:
     from click4caption.errors import CheckpointError
     from click4caption.training.checkpointing import average_model_states
