@@ -199,7 +199,10 @@ class InstructMix:
     one``); 0 writes none. ``hard_no`` is the share of same-shape No pairs drawn among
     pairs of easily confused shapes (:data:`CONFUSED_SHAPES`) where the scene has one.
     ``small`` multiplies the ``describe`` and ``shape`` questions about small objects
-    (the kinds that name a shape; a small object's shape is the hardest to read).
+    (the kinds that name a shape; a small object's shape is the hardest to read), and
+    the weight of a shape follow-up about a small object. ``followup_shape`` is the
+    weight of a shape follow-up against a colour or size one (1) when a follow-up's
+    question is drawn among those its reference allows.
     """
 
     describe: float = 1.0
@@ -214,6 +217,7 @@ class InstructMix:
     followups: float = 0.0
     hard_no: float = 0.0
     small: float = 1.0
+    followup_shape: float = 1.0
 
     def __post_init__(self) -> None:
         if self.turns_per_record < 1:
@@ -287,7 +291,7 @@ def scene_tasks(scene: Scene, rng: np.random.Generator, mix: InstructMix) -> lis
 
 
 def _followup(scene: Scene, regions: list[int | None], last: list[int | None], asked: set[tuple[Any, ...]],
-              rng: np.random.Generator) -> tuple[str, str, str, list[int | None]] | None:
+              rng: np.random.Generator, mix: InstructMix) -> tuple[str, str, str, list[int | None]] | None:
     """One text-only follow-up: ``(kind, question, answer, regions it is about)``, or None.
 
     ``regions`` holds the conversation's regions in order (object index, None for the
@@ -295,7 +299,8 @@ def _followup(scene: Scene, regions: list[int | None], last: list[int | None], a
     ``(region position, attribute)`` and ``(pair positions, kind)`` questions already
     asked in the conversation, which are not asked again. A family of reference (``it``,
     ``they``, ``image N``, ``the first one``) is drawn uniformly among those that
-    apply, then the region and the attribute.
+    apply, then the region and the attribute (shape follow-ups weighted by ``mix``:
+    :func:`_followup_weight`).
     """
     objs = scene.objects
     families: dict[str, list[tuple[str, str, str, list[int | None]]]] = {}
@@ -323,8 +328,22 @@ def _followup(scene: Scene, regions: list[int | None], last: list[int | None], a
         return None
     names = sorted(families)
     options = families[names[int(rng.integers(len(names)))]]
-    kind, question, answer, about = options[int(rng.integers(len(options)))]
-    return kind, question, answer, about
+    weights = [_followup_weight(kind, about, scene, mix) for kind, _, _, about in options]
+    if len(set(weights)) == 1:
+        pick = int(rng.integers(len(options)))
+    else:
+        pick = int(rng.choice(len(options), p=np.asarray(weights) / sum(weights)))
+    return options[pick]
+
+
+def _followup_weight(kind: str, about: list[int | None], scene: Scene, mix: InstructMix) -> float:
+    """How likely a follow-up option is drawn within its reference family: shape
+    follow-ups weigh ``mix.followup_shape``, times ``mix.small`` about a small object;
+    the others weigh 1."""
+    if kind != "followup_shape":
+        return 1.0
+    small = about[0] is not None and scene.objects[about[0]].size == "small"
+    return mix.followup_shape * (mix.small if small else 1.0)
 
 
 def _asked_key(kind: str, about: list[int | None]) -> tuple[Any, ...]:
@@ -359,7 +378,7 @@ def scene_conversations(scene: Scene, rng: np.random.Generator, mix: InstructMix
             last = new
             asked.add(_asked_key(task["kind"], new))
             for _ in range(_draw_count(rng, mix.followups) if task["objects"] else 0):
-                followup = _followup(scene, regions, last, asked, rng)
+                followup = _followup(scene, regions, last, asked, rng, mix)
                 if followup is None:
                     break
                 kind, question, answer, last = followup
