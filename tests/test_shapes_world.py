@@ -657,3 +657,27 @@ def test_small_multiplies_the_shape_naming_questions_of_small_objects_only() -> 
         assert 160 <= boosted[(1, kind)] <= 240  # the large circle as before
     for kind in ("color", "size"):
         assert 160 <= boosted[(0, kind)] <= 240
+
+
+def test_followup_shape_weighs_shape_follow_ups_and_small_weighs_them_again() -> None:
+    from click4caption.shapes.writers import InstructMix, scene_conversations
+
+    def shape_share(size: str, **weights: float) -> float:
+        side = 40 if size == "small" else 90
+        scene = world.Scene(256, 256, 130, 0.0, [world.ShapeObject("star", "red", size, (10, 10, side, side),
+                                                                   (220, 40, 40))])
+        mix = InstructMix(describe=1.0, color=0, shape=0, size=0, same_color=0, same_shape=0, whole=0,
+                          followups=1.0, **weights)
+        kinds = [t["kind"] for seed in range(600)
+                 for conv in scene_conversations(scene, np.random.default_rng(seed), mix)
+                 for t in conv["turns"] if t["kind"].startswith("followup_")]
+        # one follow-up per Describe (two of them about a small object when small=2)
+        assert len(kinds) >= 600 and set(kinds) <= {"followup_color", "followup_shape", "followup_size"}
+        return kinds.count("followup_shape") / len(kinds)
+
+    # colour, shape and size equally likely by default, for small and large objects alike
+    assert abs(shape_share("small") - 1 / 3) < 0.06 and abs(shape_share("large", small=4.0) - 1 / 3) < 0.06
+    # weights 3 : 1 : 1 for a large object, 3 * 2 : 1 : 1 for a small one
+    assert abs(shape_share("large", followup_shape=3.0, small=2.0) - 3 / 5) < 0.06
+    assert abs(shape_share("small", followup_shape=3.0, small=2.0) - 6 / 8) < 0.06
+    assert abs(shape_share("small", small=2.0) - 2 / 4) < 0.06
