@@ -659,7 +659,7 @@ def test_small_multiplies_the_shape_naming_questions_of_small_objects_only() -> 
         assert 160 <= boosted[(0, kind)] <= 240
 
 
-def test_followup_shape_weighs_shape_follow_ups_and_small_weighs_them_again() -> None:
+def test_followup_shape_and_followup_small_weigh_shape_follow_ups() -> None:
     from click4caption.shapes.writers import InstructMix, scene_conversations
 
     def shape_share(size: str, **weights: float) -> float:
@@ -676,8 +676,10 @@ def test_followup_shape_weighs_shape_follow_ups_and_small_weighs_them_again() ->
         return kinds.count("followup_shape") / len(kinds)
 
     # colour, shape and size equally likely by default, for small and large objects alike
-    assert abs(shape_share("small") - 1 / 3) < 0.06 and abs(shape_share("large", small=4.0) - 1 / 3) < 0.06
+    # (small, which multiplies the single questions, leaves the follow-ups as they were)
+    assert abs(shape_share("small") - 1 / 3) < 0.06 and abs(shape_share("small", small=2.0) - 1 / 3) < 0.06
+    assert abs(shape_share("large", followup_small=4.0) - 1 / 3) < 0.06
     # weights 3 : 1 : 1 for a large object, 3 * 2 : 1 : 1 for a small one
-    assert abs(shape_share("large", followup_shape=3.0, small=2.0) - 3 / 5) < 0.06
-    assert abs(shape_share("small", followup_shape=3.0, small=2.0) - 6 / 8) < 0.06
-    assert abs(shape_share("small", small=2.0) - 2 / 4) < 0.06
+    assert abs(shape_share("large", followup_shape=3.0, followup_small=2.0) - 3 / 5) < 0.06
+    assert abs(shape_share("small", followup_shape=3.0, followup_small=2.0) - 6 / 8) < 0.06
+    assert abs(shape_share("small", followup_small=2.0) - 2 / 4) < 0.06

@@ -199,10 +199,10 @@ class InstructMix:
     one``); 0 writes none. ``hard_no`` is the share of same-shape No pairs drawn among
     pairs of easily confused shapes (:data:`CONFUSED_SHAPES`) where the scene has one.
     ``small`` multiplies the ``describe`` and ``shape`` questions about small objects
-    (the kinds that name a shape; a small object's shape is the hardest to read), and
-    the weight of a shape follow-up about a small object. ``followup_shape`` is the
-    weight of a shape follow-up against a colour or size one (1) when a follow-up's
-    question is drawn among those its reference allows.
+    (the kinds that name a shape; a small object's shape is the hardest to read).
+    ``followup_shape`` is the weight of a shape follow-up against a colour or size one
+    (1) when a follow-up's question is drawn among those its reference allows, and
+    ``followup_small`` multiplies that weight again about a small object.
     """
 
     describe: float = 1.0
@@ -218,6 +218,7 @@ class InstructMix:
     hard_no: float = 0.0
     small: float = 1.0
     followup_shape: float = 1.0
+    followup_small: float = 1.0
 
     def __post_init__(self) -> None:
         if self.turns_per_record < 1:
@@ -338,12 +339,12 @@ def _followup(scene: Scene, regions: list[int | None], last: list[int | None], a
 
 def _followup_weight(kind: str, about: list[int | None], scene: Scene, mix: InstructMix) -> float:
     """How likely a follow-up option is drawn within its reference family: shape
-    follow-ups weigh ``mix.followup_shape``, times ``mix.small`` about a small object;
-    the others weigh 1."""
+    follow-ups weigh ``mix.followup_shape``, times ``mix.followup_small`` about a small
+    object; the others weigh 1."""
     if kind != "followup_shape":
         return 1.0
     small = about[0] is not None and scene.objects[about[0]].size == "small"
-    return mix.followup_shape * (mix.small if small else 1.0)
+    return mix.followup_shape * (mix.followup_small if small else 1.0)
 
 
 def _asked_key(kind: str, about: list[int | None]) -> tuple[Any, ...]:
