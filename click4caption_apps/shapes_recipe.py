@@ -58,10 +58,10 @@ NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 8000}
 # describe, 95.0 and 95.5 %, and the fewest held-out errors, 50 and 51). Each question
 # about objects is followed by 0.8 text-only follow-ups on average (was 0.5), asking
 # shape twice as often as colour or size, four times about a small object
-# (followup_shape=2.0, followup_small=2.0): 2.4 times as many shape follow-ups as run 46 (which missed 15 of
-# its 102 about small objects) and 1.3 times as many colour ones (run 47, shape follow-ups
-# weighed 3 at 0.5 per question: shape 92.0 -> 95.0 %, but colour 100 -> 88.5 %, image N
-# answered with the other region's colour)
+# (followup_shape=2.0, followup_small=2.0): 2.4 times as many shape follow-ups as run 46
+# (which missed 15 of its 102 about small objects) and 1.3 times as many colour ones (run
+# 47, shape follow-ups weighed 3 at 0.5 per question: shape 92.0 -> 95.0 %, but colour
+# 100 -> 88.5 %, image N answered with the other region's colour)
 INSTRUCT_MIX = InstructMix(describe=1.0, color=0.5, shape=1.0, size=0.5, same_color=2, same_shape=3, whole=2, count=2,
                            turns_per_record=6, followups=0.8, hard_no=0.8, small=2.0,
                            followup_shape=2.0, followup_small=2.0)
