@@ -330,7 +330,7 @@ def _followup(scene: Scene, regions: list[int | None], last: list[int | None], a
     names = sorted(families)
     options = families[names[int(rng.integers(len(names)))]]
     weights = [_followup_weight(kind, about, scene, mix) for kind, _, _, about in options]
-    if len(set(weights)) == 1:
+    if len(set(weights)) == 1:  # the draw as before the weights, so equal weights redraw old data byte for byte
         pick = int(rng.integers(len(options)))
     else:
         pick = int(rng.choice(len(options), p=np.asarray(weights) / sum(weights)))
