@@ -17,7 +17,7 @@ from click4caption.config import from_dict, load_config
 from click4caption.errors import Click4CaptionError, ConfigError
 from click4caption.training import checkpointing as ckpt_io
 from click4caption.training.loop import Trainer, run_training
-from click4caption.training.budget import fit_total
+from click4caption.training.budget import RATE_MIN_SHARE, TimeBudget, fit_total
 from click4caption.training.optim import check_schedule, lr_at, param_groups
 from tests.fixtures_train import tiny_train_config
 
@@ -206,6 +206,26 @@ def test_fit_total_keeps_what_fits_and_never_goes_back() -> None:
     assert fit_total(100, 150, 2.0, 50.0, safety=0.01) == 150  # the configured length fits
     assert fit_total(100, 1000, 2.0, -5.0) == 100  # out of time: stop where it is
     assert fit_total(100, 1000, 0.0, 50.0) == 1000  # no rate yet: nothing to fit
+
+
+def test_time_budget_waits_for_a_steady_rate_before_it_cuts() -> None:
+    """The first 22 iterations take 2 s, the rest 1 s; 900 configured in a budget of 1,100 s
+    fit at the steady rate. Measured from iteration 20 to 25 (0.71 it/s) the run would be cut
+    to 769; the budget waits until its rate spans RATE_MIN_SHARE of the budget (22 s, at
+    iteration 40: 0.91 it/s) and keeps all 900; a machine that stays slow is still cut."""
+    def clock_at(done: int, early: int) -> float:
+        return 2.0 * min(done, early) + 1.0 * max(done - early, 0)
+
+    for early, expected in ((22, [900] * 5), (1000, [900, 900, 900, 544, 544])):
+        t = [0.0]
+        budget = TimeBudget(1100.0, 0, 900, clock=lambda: t[0])
+        totals = []
+        for done in (20, 25, 30, 35, 40):
+            t[0] = clock_at(done, early)
+            totals.append(budget.refit(done, 900))
+        assert totals == expected, early
+    assert RATE_MIN_SHARE * 1100.0 == pytest.approx(22.0)
+    assert fit_total(25, 900, 5 / 7, 1100.0 - 47.0) == 769  # what the 5-iteration rate would have cut to
     run = load_config(SHIPPED, ["run.time_budget_s=0"]).run
     with pytest.raises(ConfigError, match="run.time_budget_s must be > 0"):
         check_schedule(run)

@@ -3,7 +3,8 @@
 A recipe that must finish within a wall-clock budget cannot know its step rate before it
 runs: the same configuration trains 1.5x slower on one 2-core machine than on another
 (models/shapes/REPORT.md). With a budget, the trainer measures its rate as it goes and
-refits the number of iterations at every log line: as many as the measured rate lets
+refits the number of iterations at every log line (once the rate was measured over
+``RATE_MIN_SHARE`` of the budget): as many as the measured rate lets
 finish in the time left, never more than ``max_epoch * iters_per_epoch``. The learning
 rate's cosine then runs over the fitted length, so a shortened run still ends at
 ``min_lr``.
@@ -18,6 +19,11 @@ SAFETY = 0.01
 #: iterations after the start (or a resume) that the rate ignores: the first steps include
 #: the loader's start and one-off allocations
 RATE_SKIP = 20
+#: share of the budget the rate is measured over before the first refit: a rate from a few
+#: seconds after the start runs low, and a length cut on it changes the cosine (and so the
+#: weights) of a run that the steady rate fits in full (run 49: 17,913 of 18,000 iterations
+#: fitted at iteration 50, all 18,000 at the next log lines)
+RATE_MIN_SHARE = 0.02
 
 
 def fit_total(done: int, configured: int, rate_its_per_s: float, left_s: float, safety: float = SAFETY) -> int:
@@ -57,7 +63,7 @@ class TimeBudget:
                 self._mark = (done, now)
             return total
         its, seconds = done - self._mark[0], now - self._mark[1]
-        if its <= 0 or seconds <= 0:
+        if its <= 0 or seconds <= 0 or seconds < RATE_MIN_SHARE * self.budget_s:
             return total
         return fit_total(done, self.configured, its / seconds, self.budget_s - (now - self.t_start))
 
