@@ -683,3 +683,28 @@ def test_followup_shape_and_followup_small_weigh_shape_follow_ups() -> None:
     assert abs(shape_share("large", followup_shape=3.0, followup_small=2.0) - 3 / 5) < 0.06
     assert abs(shape_share("small", followup_shape=3.0, followup_small=2.0) - 6 / 8) < 0.06
     assert abs(shape_share("small", followup_small=2.0) - 2 / 4) < 0.06
+
+
+def test_followup_distractor_weighs_questions_whose_answer_another_region_gave() -> None:
+    """Image 1 was asked its shape and image 2 its colour: of the follow-ups left (``it``:
+    shape / size of image 2; ``image N`` and ``the first one``: colour / size of image 1,
+    shape / size of image 2), half ask what the other region was asked; weighed 3 : 1,
+    three quarters do."""
+    from click4caption.shapes.writers import InstructMix, _followup
+
+    scene = world.Scene(256, 256, 130, 0.0, [world.ShapeObject("star", "red", "large", (10, 10, 90, 90), (220, 40, 40)),
+                                             world.ShapeObject("circle", "blue", "large", (120, 120, 200, 200),
+                                                               (40, 40, 220))])
+    asked = {(0, "shape"), (1, "color")}
+
+    def distractor_share(**weights: float) -> float:
+        mix = InstructMix(followups=1.0, **weights)
+        hits = []
+        for seed in range(1500):
+            kind, _, _, about = _followup(scene, [0, 1], [1], set(asked), np.random.default_rng(seed), mix)
+            hits.append((1 - about[0], kind.removeprefix("followup_")) in asked)
+        return sum(hits) / len(hits)
+
+    assert abs(distractor_share() - 1 / 2) < 0.05
+    assert abs(distractor_share(followup_distractor=3.0) - 3 / 4) < 0.05
+    assert distractor_share(followup_distractor=0.0) == 0.0

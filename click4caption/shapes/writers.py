@@ -203,6 +203,10 @@ class InstructMix:
     ``followup_shape`` is the weight of a shape follow-up against a colour or size one
     (1) when a follow-up's question is drawn among those its reference allows, and
     ``followup_small`` multiplies that weight again about a small object.
+    ``followup_distractor`` multiplies the weight of a follow-up about one region asking
+    what another region of the conversation was already asked (its answer is in the
+    conversation, a distractor the model must not repeat: the evaluation's follow-ups
+    after two one-region questions).
     """
 
     describe: float = 1.0
@@ -219,6 +223,7 @@ class InstructMix:
     small: float = 1.0
     followup_shape: float = 1.0
     followup_small: float = 1.0
+    followup_distractor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.turns_per_record < 1:
@@ -329,7 +334,7 @@ def _followup(scene: Scene, regions: list[int | None], last: list[int | None], a
         return None
     names = sorted(families)
     options = families[names[int(rng.integers(len(names)))]]
-    weights = [_followup_weight(kind, about, scene, mix) for kind, _, _, about in options]
+    weights = [_followup_weight(kind, about, scene, mix, regions, asked) for kind, _, _, about in options]
     if len(set(weights)) == 1:  # the draw as before the weights, so equal weights redraw old data byte for byte
         pick = int(rng.integers(len(options)))
     else:
@@ -337,14 +342,22 @@ def _followup(scene: Scene, regions: list[int | None], last: list[int | None], a
     return options[pick]
 
 
-def _followup_weight(kind: str, about: list[int | None], scene: Scene, mix: InstructMix) -> float:
+def _followup_weight(kind: str, about: list[int | None], scene: Scene, mix: InstructMix,
+                     regions: list[int | None], asked: set[tuple[Any, ...]]) -> float:
     """How likely a follow-up option is drawn within its reference family: shape
     follow-ups weigh ``mix.followup_shape``, times ``mix.followup_small`` about a small
-    object; the others weigh 1."""
-    if kind != "followup_shape":
+    object; one that asks a region what another region of the conversation was asked
+    (``asked``) is multiplied by ``mix.followup_distractor``; the others weigh 1."""
+    if len(about) != 1:  # a pair follow-up ("they")
         return 1.0
-    small = about[0] is not None and scene.objects[about[0]].size == "small"
-    return mix.followup_shape * (mix.followup_small if small else 1.0)
+    attribute = kind.removeprefix("followup_")
+    weight = 1.0
+    if kind == "followup_shape":
+        small = about[0] is not None and scene.objects[about[0]].size == "small"
+        weight = mix.followup_shape * (mix.followup_small if small else 1.0)
+    if any((other, attribute) in asked for other in regions if other is not None and other != about[0]):
+        weight *= mix.followup_distractor
+    return weight
 
 
 def _asked_key(kind: str, about: list[int | None]) -> tuple[Any, ...]:
