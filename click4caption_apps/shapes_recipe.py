@@ -58,9 +58,11 @@ NUM_IMAGES = {"vg": 1000, "laion": 1000, "instruct": 8000}
 # describe, 95.0 and 95.5 %, and the fewest held-out errors, 50 and 51). Follow-ups draw
 # colour, shape and size alike (InstructMix.followup_shape / followup_small stay 1: runs
 # 47 and 48 weighed shape follow-ups up and made more errors, 53 / 59 and 48.5 / 55.5
-# against run 46's 45.5 / 51, training / held-out generator)
+# against run 46's 45.5 / 51, training / held-out generator); a follow-up asking a region
+# what another region of its conversation was asked weighs 3 (followup_distractor: run 50,
+# the first run to pass all 15 bars)
 INSTRUCT_MIX = InstructMix(describe=1.0, color=0.5, shape=1.0, size=0.5, same_color=2, same_shape=3, whole=2, count=2,
-                           turns_per_record=6, followups=0.5, hard_no=0.8, small=2.0)
+                           turns_per_record=6, followups=0.5, hard_no=0.8, small=2.0, followup_distractor=3.0)
 # share of the scenes laid out and drawn in other styles the spec allows (variety.py),
 # so that scenes from other programs following the spec are described as well
 VARIETY = 0.5
