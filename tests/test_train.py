@@ -206,6 +206,9 @@ def test_fit_total_keeps_what_fits_and_never_goes_back() -> None:
     assert fit_total(100, 150, 2.0, 50.0, safety=0.01) == 150  # the configured length fits
     assert fit_total(100, 1000, 2.0, -5.0) == 100  # out of time: stop where it is
     assert fit_total(100, 1000, 0.0, 50.0) == 1000  # no rate yet: nothing to fit
+    run = load_config(SHIPPED, ["run.time_budget_s=0"]).run
+    with pytest.raises(ConfigError, match="run.time_budget_s must be > 0"):
+        check_schedule(run)
 
 
 def test_time_budget_waits_for_a_steady_rate_before_it_cuts() -> None:
@@ -226,9 +229,6 @@ def test_time_budget_waits_for_a_steady_rate_before_it_cuts() -> None:
         assert totals == expected, early
     assert RATE_MIN_SHARE * 1100.0 == pytest.approx(22.0)
     assert fit_total(25, 900, 5 / 7, 1100.0 - 47.0) == 769  # what the 5-iteration rate would have cut to
-    run = load_config(SHIPPED, ["run.time_budget_s=0"]).run
-    with pytest.raises(ConfigError, match="run.time_budget_s must be > 0"):
-        check_schedule(run)
 
 
 def test_the_recipe_gives_training_what_its_budget_leaves() -> None:
